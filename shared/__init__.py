@@ -1,0 +1,1 @@
+"""Code shared by every stage: settings, topology, schemas, worker runtime, metrics, logging."""

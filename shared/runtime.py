@@ -1,0 +1,309 @@
+"""The worker runtime: consume, decode, handle, publish confirmed, then ack.
+
+Takes a :class:`~shared.stage.Stage`, the settings, a :class:`~shared.transport.Broker`, the
+process's :class:`~shared.metrics.Metrics` and a stop event; :meth:`StageRunner.run` consumes
+the stage's input queue until the event is set.  Deliveries that have already arrived form a
+batch (no timer: PERFORMANCE.md shows a timer doubles the median latency); the batch is
+handled in a helper thread while this thread keeps both connections' heartbeats alive; every
+output and every dead letter of the batch is published with one wait for the confirms; only
+then is each input acked.  So a crash anywhere before the ack redelivers, never loses.
+
+Failure handling, per message: a document that does not decode, or a ``PermanentError``,
+goes to the stage's dead-letter queue at once with the reason in its headers;
+a ``TransientError`` (the database or a server is down, not the message's fault) is retried
+with capped, jittered backoff for as long as it lasts; any other exception is retried
+``retry.attempts`` times and then dead-lettered as ``handler-error``.  A message redelivered
+more than ``delivery_limit`` times (a crash loop) is dead-lettered as ``delivery-limit``, as the
+broker's own policy would.  A lost connection is re-made with backoff; unacked deliveries
+return to the queue by themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import Connection, Consumer, Queue
+from kombu.message import Message
+
+from shared.errors import PermanentError, TransientError
+from shared.metrics import Metrics
+from shared.schemas import Codec
+from shared.settings import RetrySettings, Settings
+from shared.stage import BatchStage, Output, Stage
+from shared.transport import Broker, Envelope, Publisher
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 0.5
+
+
+class Stopping(Exception):
+    """The stop event was set while a message waited for a retry; it is left unacked."""
+
+
+@dataclass
+class Handled:
+    outputs: list[Output]
+
+
+@dataclass
+class Dead:
+    reason: str
+    detail: str
+
+
+Result = Handled | Dead
+
+
+def backoff_delay(retry: RetrySettings, attempt: int, rng: Callable[[], float]) -> float:
+    """Capped exponential backoff with jitter: between half and all of the capped delay."""
+    capped = min(retry.max_delay, retry.initial_delay * (2 ** max(0, attempt - 1)))
+    return capped * (0.5 + rng() / 2)
+
+
+class StageRunner:
+    def __init__(self, stage: Stage, settings: Settings, broker: Broker, metrics: Metrics,
+                 stop: threading.Event, codec: Codec | None = None) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.broker = broker
+        self.metrics = metrics
+        self.stop = stop
+        self.codec = codec or Codec()
+        self.queue_name = broker.topology.input_queue(stage.name)
+        self._rng = random.random
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix=f"{stage.name}-handler")
+        self._ready = metrics.ready.labels(stage=stage.name)
+
+    @property
+    def is_ready(self) -> bool:
+        return bool(self._ready._value.get())
+
+    # -- connection loop -----------------------------------------------------------------
+    def run(self) -> None:
+        attempt = 0
+        try:
+            while not self.stop.is_set():
+                try:
+                    self._consume_until_stopped()
+                    attempt = 0
+                except (Stopping, KeyboardInterrupt):
+                    break
+                except Exception as exc:  # noqa: BLE001 - any connection failure: reconnect
+                    attempt += 1
+                    delay = backoff_delay(self.settings.retry, attempt, self._rng)
+                    log.warning("%s: broker connection failed (%s); reconnecting in %.1fs",
+                                self.stage.name, exc, delay)
+                    self.stop.wait(delay)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _consume_until_stopped(self) -> None:
+        connection = self.broker.connect()
+        publisher = self.broker.publisher(self.codec)
+        pending: list[Message] = []
+        try:
+            channel = connection.channel()
+            consumer = Consumer(channel, queues=[Queue(self.queue_name, no_declare=True)],
+                                on_message=pending.append, no_ack=False,
+                                prefetch_count=self.settings.broker.prefetch)
+            consumer.consume()
+            self._ready.set(1)
+            log.info("%s: consuming %s", self.stage.name, self.queue_name)
+            while not self.stop.is_set():
+                if not pending:
+                    self._poll(connection, 0.5)
+                    self._heartbeat(connection, publisher)
+                    continue
+                self._take_arrived(connection, pending)
+                batch = pending[:]
+                pending.clear()
+                self._process(batch, connection, publisher)
+        finally:
+            self._ready.set(0)
+            publisher.close()
+            try:
+                connection.release()
+            except Exception:  # noqa: BLE001 - the connection may already be broken
+                log.debug("error closing consumer connection", exc_info=True)
+
+    def _poll(self, connection: Connection, timeout: float) -> None:
+        # kombu's virtual (memory) transport treats timeout=0 as "wait forever"
+        if self.broker.is_memory:
+            timeout = max(timeout, 0.001)
+        try:
+            connection.drain_events(timeout=timeout)
+        except socket.timeout:
+            pass
+
+    def _take_arrived(self, connection: Connection, pending: list[Message]) -> None:
+        """Read deliveries that are already here, up to the prefetch, without waiting."""
+        while len(pending) < self.settings.broker.prefetch:
+            before = len(pending)
+            self._poll(connection, 0)
+            if len(pending) == before:
+                return
+
+    def _heartbeat(self, connection: Connection, publisher: Publisher) -> None:
+        if not self.broker.is_memory:
+            connection.heartbeat_check()
+        publisher.keepalive()
+
+    # -- one batch -----------------------------------------------------------------------
+    def _process(self, batch: list[Message], connection: Connection,
+                 publisher: Publisher) -> None:
+        self.metrics.messages_in.labels(stage=self.stage.name).inc(len(batch))
+        started = time.perf_counter()
+        future = self._executor.submit(self._handle_batch, batch)
+        results = self._wait_keeping_alive(future, connection, publisher)
+        elapsed = time.perf_counter() - started
+        for _ in batch:
+            self.metrics.processing_seconds.labels(stage=self.stage.name).observe(
+                elapsed / len(batch))
+        envelopes: list[Envelope] = []
+        topology = self.broker.topology
+        for message, result in zip(batch, results, strict=True):
+            headers = {"x-mailroute-trace": _header(message, "x-mailroute-trace")}
+            if isinstance(result, Handled):
+                for out in result.outputs:
+                    envelopes.append(Envelope(
+                        self.codec.encode(out.edge, out.document), topology.exchange_name,
+                        topology.queue_for_edge(out.edge),
+                        {**headers, "x-mailroute-trace": out.document.get("trace_id", "")}))
+            else:
+                envelopes.append(self._dead_letter(message, result))
+        publisher.publish_envelopes(envelopes)
+        for message, result in zip(batch, results, strict=True):
+            message.ack()
+            if isinstance(result, Handled):
+                self.metrics.messages_out.labels(stage=self.stage.name).inc(len(result.outputs))
+            else:
+                self.metrics.messages_dead.labels(stage=self.stage.name,
+                                                  reason=result.reason).inc()
+                log.warning("%s: dead-lettered %s: %s: %s", self.stage.name,
+                            _header(message, "x-mailroute-trace") or "?", result.reason,
+                            _escape(result.detail))
+
+    def _wait_keeping_alive(self, future: Future[list[Result]], connection: Connection,
+                            publisher: Publisher) -> list[Result]:
+        """Wait for the handler thread; meanwhile read frames and send heartbeats."""
+        while True:
+            try:
+                return future.result(timeout=KEEPALIVE_SECONDS)
+            except FutureTimeout:
+                if not self.broker.is_memory:
+                    self._poll(connection, 0)
+                self._heartbeat(connection, publisher)
+
+    def _dead_letter(self, message: Message, dead: Dead) -> Envelope:
+        stage = self.stage.name
+        headers = dict(message.headers or {})
+        headers.update({
+            "x-mailroute-stage": stage,
+            "x-mailroute-reason": dead.reason,
+            "x-mailroute-detail": _escape(dead.detail)[:2000],
+            "x-mailroute-attempts": _delivery_count(message) + 1,
+            "x-mailroute-failed-at": datetime.now(UTC).isoformat(),
+        })
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        return Envelope(body, self.broker.topology.dead_exchange_name,
+                        self.broker.topology.dead_queue(stage), headers)
+
+    # -- handler thread ------------------------------------------------------------------
+    def _handle_batch(self, batch: list[Message]) -> list[Result]:
+        results: list[Result | None] = [None] * len(batch)
+        documents: list[tuple[int, dict[str, Any]]] = []
+        for i, message in enumerate(batch):
+            if _delivery_count(message) >= self.settings.broker.delivery_limit:
+                results[i] = Dead("delivery-limit", f"delivered {_delivery_count(message)} "
+                                  f"times without being handled (worker crash loop?)")
+                continue
+            try:
+                documents.append((i, self.codec.decode(self.stage.input_edge, message.body)))
+            except PermanentError as exc:
+                results[i] = Dead(exc.reason, exc.detail)
+        if len(documents) > 1 and isinstance(self.stage, BatchStage):
+            batched = self._try_whole_batch([doc for _, doc in documents])
+            if batched is not None:
+                for (i, document), outputs in zip(documents, batched, strict=True):
+                    results[i] = Handled(outputs)
+                    if not outputs:
+                        self._observe_end_to_end(document)
+                documents = []
+        for i, document in documents:
+            results[i] = self._handle_one(document)
+        return [r if r is not None else Dead("internal", "no result") for r in results]
+
+    def _try_whole_batch(self, documents: list[dict[str, Any]]) -> list[list[Output]] | None:
+        """One call for the batch; None means: fall back to one message at a time."""
+        assert isinstance(self.stage, BatchStage)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.stage.handle_batch(documents)
+            except TransientError as exc:
+                self._wait_before_retry(attempt, exc)
+            except Exception as exc:  # noqa: BLE001 - isolate the bad message below
+                log.info("%s: batch of %d failed (%s); handling one by one",
+                         self.stage.name, len(documents), exc)
+                return None
+
+    def _handle_one(self, document: dict[str, Any]) -> Result:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outputs = self.stage.handle(document)
+                if not outputs:
+                    self._observe_end_to_end(document)
+                return Handled(outputs)
+            except PermanentError as exc:
+                return Dead(exc.reason, exc.detail)
+            except TransientError as exc:
+                self._wait_before_retry(attempt, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker
+                if attempt >= self.settings.retry.attempts:
+                    log.exception("%s: handler failed %d times", self.stage.name, attempt)
+                    return Dead("handler-error", f"{type(exc).__name__}: {exc}")
+                self._wait_before_retry(attempt, exc)
+
+    def _wait_before_retry(self, attempt: int, exc: BaseException) -> None:
+        self.metrics.messages_retried.labels(stage=self.stage.name).inc()
+        delay = backoff_delay(self.settings.retry, attempt, self._rng)
+        log.warning("%s: attempt %d failed (%s); retrying in %.2fs", self.stage.name, attempt,
+                    _escape(str(exc)), delay)
+        if self.stop.wait(delay):
+            raise Stopping()
+
+    def _observe_end_to_end(self, document: dict[str, Any]) -> None:
+        received = document.get("source", {}).get("received_at")
+        if isinstance(received, datetime):
+            seconds = (datetime.now(UTC) - received).total_seconds()
+            self.metrics.end_to_end_seconds.observe(max(0.0, seconds))
+
+
+def _delivery_count(message: Message) -> int:
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+def _header(message: Message, name: str) -> str:
+    value = (message.headers or {}).get(name, "")
+    return value if isinstance(value, str) else str(value)
+
+
+def _escape(text: str) -> str:
+    """Keep one log record on one line, whatever a message put in its headers."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")

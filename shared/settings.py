@@ -1,0 +1,284 @@
+"""Settings: one frozen object built once from a YAML file plus ``MAILROUTE_*`` overrides.
+
+Takes a path to a YAML file (or none, for the embedded defaults) and the process environment;
+gives a frozen :class:`Settings` that the entry point passes to every component.  Fails with
+:class:`ConfigError`, whose message names the offending key, on anything it cannot use:
+unknown keys, wrong types, references to servers or mailboxes that do not exist.
+
+Environment overrides use ``__`` between levels, for example
+``MAILROUTE_BROKER__URL=amqp://guest:guest@127.0.0.1:5672/%2F`` or
+``MAILROUTE_DATABASE__URL=postgresql+psycopg://postgres@127.0.0.1/mailroute``.
+Values are parsed as YAML scalars, so ``MAILROUTE_BROKER__PREFETCH=100`` is an integer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "MAILROUTE_"
+
+AfterAction = Literal["keep", "seen", "move", "delete"]
+MailboxKind = Literal["imap", "maildir"]
+TlsMode = Literal["ssl", "starttls", "none"]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = "memory://"
+    prefix: str = "mail"
+    prefetch: int = 50
+    confirm_timeout: float = 15.0
+    heartbeat: int = 30
+    delivery_limit: int = 5
+    management_url: str = "http://127.0.0.1:15672"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///var/mailroute.db"
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    attempts: int = 5
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    # Each stage's port is base_port + offset (ingest 0, parse 1, route 2, persist 3);
+    # 0 asks the OS for a free port (tests), a negative value disables the endpoint.
+    base_port: int = 9400
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_message_bytes: int = 50 * 1024 * 1024
+    max_header_bytes: int = 1024 * 1024
+    max_parts: int = 2000
+    max_depth: int = 20
+    forward_depth: int = 3
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """Shared settings for mailboxes on one mail server."""
+
+    name: str
+    host: str
+    port: int = 993
+    tls: TlsMode = "ssl"
+    verify_tls: bool = True
+    ca_file: str | None = None
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class MailboxSettings:
+    """One monitored mailbox: a user's or queue's own, or a forward mailbox."""
+
+    name: str
+    kind: MailboxKind = "imap"
+    server: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    folder: str = "INBOX"
+    path: str | None = None
+    forward: bool = False
+    after: AfterAction = "seen"
+    move_to: str | None = None
+    interval: float = 60.0
+    batch_size: int = 200
+
+
+@dataclass(frozen=True)
+class PrincipalSettings:
+    """A user or a queue: an address and how its mail arrives.
+
+    Exactly one of ``mailbox`` (its own mailbox, polled directly) and ``forward`` (the name of
+    the forward mailbox its server-side rule forwards to) is set.
+    """
+
+    name: str
+    address: str
+    mailbox: str | None = None
+    forward: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: BrokerSettings = BrokerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    retry: RetrySettings = RetrySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    limits: LimitSettings = LimitSettings()
+    servers: tuple[ServerProfile, ...] = ()
+    mailboxes: tuple[MailboxSettings, ...] = ()
+    users: tuple[PrincipalSettings, ...] = ()
+    queues: tuple[PrincipalSettings, ...] = ()
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "text"
+
+    def server(self, name: str) -> ServerProfile:
+        for profile in self.servers:
+            if profile.name == name:
+                return profile
+        raise ConfigError(f"servers: no server profile named {name!r}")
+
+    def mailbox(self, name: str) -> MailboxSettings:
+        for box in self.mailboxes:
+            if box.name == name:
+                return box
+        raise ConfigError(f"mailboxes: no mailbox named {name!r}")
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (YAML; None means embedded defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+        base_dir = Path(path).resolve().parent
+    else:
+        base_dir = Path.cwd()
+    _apply_env_overrides(data, os.environ if environ is None else environ)
+    settings = _build(Settings, data, "")
+    settings = _resolve_paths(settings, base_dir)
+    _validate(settings)
+    return settings
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__")]
+        target = data
+        for part in path[:-1]:
+            node = target.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+            target = node
+        target[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'configuration'}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'configuration'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)  # type: ignore[arg-type]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(hint, type) and not isinstance(value, hint) or (
+        hint is int and isinstance(value, bool)
+    ):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    """Make Maildir paths relative to the configuration file's folder absolute."""
+    boxes = tuple(
+        dataclasses.replace(box, path=str((base_dir / box.path).resolve()))
+        if box.path and not os.path.isabs(box.path)
+        else box
+        for box in settings.mailboxes
+    )
+    return dataclasses.replace(settings, mailboxes=boxes)
+
+
+def _validate(settings: Settings) -> None:
+    names = [b.name for b in settings.mailboxes]
+    for name in {n for n in names if names.count(n) > 1}:
+        raise ConfigError(f"mailboxes: the name {name!r} is used twice")
+    server_names = {s.name for s in settings.servers}
+    for box in settings.mailboxes:
+        where = f"mailboxes.{box.name}"
+        if box.kind == "imap":
+            if box.server not in server_names:
+                raise ConfigError(f"{where}.server: no server profile named {box.server!r}")
+            if not box.username:
+                raise ConfigError(f"{where}.username: an IMAP mailbox needs a username")
+        if box.kind == "maildir" and not box.path:
+            raise ConfigError(f"{where}.path: a Maildir mailbox needs a path")
+        if box.after == "move" and not box.move_to:
+            raise ConfigError(f"{where}.move_to: after=move needs a folder to move to")
+    by_name = {b.name: b for b in settings.mailboxes}
+    seen: set[str] = set()
+    for kind, principals in (("users", settings.users), ("queues", settings.queues)):
+        for p in principals:
+            where = f"{kind}.{p.name}"
+            if (p.mailbox is None) == (p.forward is None):
+                raise ConfigError(f"{where}: set exactly one of mailbox or forward")
+            if "@" not in p.address:
+                raise ConfigError(f"{where}.address: {p.address!r} is not an email address")
+            if p.address.lower() in seen:
+                raise ConfigError(f"{where}.address: {p.address} is used by another user or queue")
+            seen.add(p.address.lower())
+            if p.mailbox is not None:
+                box = by_name.get(p.mailbox)
+                if box is None or box.forward:
+                    raise ConfigError(f"{where}.mailbox: no direct mailbox named {p.mailbox!r}")
+            if p.forward is not None:
+                box = by_name.get(p.forward)
+                if box is None or not box.forward:
+                    raise ConfigError(f"{where}.forward: no forward mailbox named {p.forward!r}")

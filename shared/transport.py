@@ -1,0 +1,217 @@
+"""Connections to the broker, and a publisher whose confirms are pipelined.
+
+Takes the broker settings; gives :class:`Broker` (connections, topology declaration) and
+:class:`Publisher`, whose :meth:`Publisher.publish` sends a whole batch, then waits once for
+every confirm (PERFORMANCE.md: waiting for each confirm in turn halves a pipeline).  Each
+message is published ``mandatory``, so an unroutable one comes back instead of vanishing.
+Fails with :class:`~shared.errors.TransientError` when any message is nacked, returned, or not
+confirmed within ``confirm_timeout``; the caller has then acked nothing and advanced nothing,
+so a retry can only duplicate, never lose.  The connection is dropped on such a failure and
+made again on the next publish.
+
+kombu's ``memory://`` transport (the embedded default) has no confirms; a publish there is
+done when the call returns.  Publishing and consuming use separate connections (kombu
+delivers re-entrantly on a connection that waits for a confirm).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kombu import Connection, Producer
+
+from shared.errors import TransientError
+from shared.schemas import Codec
+from shared.settings import BrokerSettings
+from shared.stage import Output
+from shared.topology import Topology, apply_delivery_limit_policy
+
+log = logging.getLogger(__name__)
+
+# Exceptions that mean "the connection or channel is gone"; the runtime reconnects on them.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError)
+
+
+def _connection_errors(connection: Connection) -> tuple[type[BaseException], ...]:
+    return (*CONNECTION_ERRORS, *connection.connection_errors, *connection.channel_errors)
+
+
+@dataclass
+class Envelope:
+    """A message ready to publish: body bytes, where to, and headers."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker:
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.prefix)
+        self.is_memory = settings.url.startswith("memory://")
+
+    def connect(self) -> Connection:
+        options: dict[str, Any] = {}
+        if self.is_memory:
+            options["polling_interval"] = 0.005
+        connection = Connection(self.settings.url, heartbeat=self.settings.heartbeat,
+                                transport_options=options, connect_timeout=10)
+        connection.connect()
+        return connection
+
+    def declare(self) -> None:
+        """Declare exchanges and queues and set the delivery-limit policy (idempotent)."""
+        with self.connect() as connection:
+            self.topology.declare(connection)
+        if not self.is_memory:
+            apply_delivery_limit_policy(self.topology, self.settings.url,
+                                        self.settings.management_url,
+                                        self.settings.delivery_limit, log)
+
+    def publisher(self, codec: Codec | None = None) -> Publisher:
+        return Publisher(self, codec or Codec())
+
+
+class Publisher:
+    """Publishes batches with pipelined confirms; one instance per thread."""
+
+    def __init__(self, broker: Broker, codec: Codec) -> None:
+        self._broker = broker
+        self._codec = codec
+        self._connection: Connection | None = None
+        self._channel: Any = None
+        self._producer: Producer | None = None
+        self._next_tag = 1
+        self._acked: set[int] = set()
+        self._acked_upto = 0
+        self._failed: dict[int, str] = {}
+
+    # -- connection handling -------------------------------------------------------------
+    def _ensure(self) -> None:
+        if self._producer is not None:
+            return
+        connection = self._broker.connect()
+        channel = connection.channel()
+        if not self._broker.is_memory:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
+        self._connection, self._channel = connection, channel
+        self._producer = Producer(channel)
+        self._next_tag = 1
+        self._acked.clear()
+        self._acked_upto = 0
+        self._failed.clear()
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._producer = None
+        self._channel = None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
+                log.debug("error while closing publisher connection", exc_info=True)
+
+    def keepalive(self) -> None:
+        """Read pending frames and send a heartbeat if one is due (call while busy)."""
+        if self._connection is None or self._broker.is_memory:
+            return
+        try:
+            try:
+                self._connection.drain_events(timeout=0)
+            except socket.timeout:
+                pass
+            self._connection.heartbeat_check()
+        except _connection_errors(self._connection) as exc:
+            log.warning("publisher connection lost while idle: %s", exc)
+            self.close()
+
+    # -- confirm bookkeeping ---------------------------------------------------------------
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._acked_upto = max(self._acked_upto, delivery_tag)
+        else:
+            self._acked.add(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        first = self._acked_upto + 1 if multiple else delivery_tag
+        for tag in range(first, delivery_tag + 1):
+            self._failed[tag] = "nacked by the broker"
+        self._on_ack(delivery_tag, multiple)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        tag = (message.headers or {}).get("x-mailroute-publish-tag") if message else None
+        if isinstance(tag, int):
+            self._failed[tag] = f"unroutable: {exchange}/{routing_key} ({exc})"
+
+    def _confirmed(self, tag: int) -> bool:
+        return tag <= self._acked_upto or tag in self._acked
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(self, outputs: Sequence[Output],
+                headers: Mapping[str, Any] | None = None) -> None:
+        """Encode stage outputs and publish them all to their stage queues, confirmed."""
+        topology = self._broker.topology
+        self.publish_envelopes([
+            Envelope(self._codec.encode(out.edge, out.document), topology.exchange_name,
+                     topology.queue_for_edge(out.edge),
+                     {**(headers or {}), "x-mailroute-trace": out.document.get("trace_id", "")})
+            for out in outputs
+        ])
+
+    def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        try:
+            self._ensure()
+            assert self._producer is not None
+            tags = []
+            for envelope in envelopes:
+                tag = self._next_tag
+                self._next_tag += 1
+                tags.append(tag)
+                self._producer.publish(
+                    envelope.body, exchange=envelope.exchange,
+                    routing_key=envelope.routing_key,
+                    headers={**envelope.headers, "x-mailroute-publish-tag": tag},
+                    content_type="application/json", content_encoding="utf-8",
+                    delivery_mode=2, mandatory=True, retry=False, declare=[])
+            if not self._broker.is_memory:
+                self._wait_for_confirms(tags)
+        except TransientError:
+            self.close()
+            raise
+        except Exception as exc:
+            connection = self._connection
+            self.close()
+            if connection is None or isinstance(exc, _connection_errors(connection)):
+                raise TransientError(f"publish failed: {exc}") from exc
+            raise
+
+    def _wait_for_confirms(self, tags: list[int]) -> None:
+        assert self._connection is not None
+        deadline = time.monotonic() + self._broker.settings.confirm_timeout
+        while not all(self._confirmed(t) for t in tags):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransientError(
+                    f"{sum(not self._confirmed(t) for t in tags)} of {len(tags)} messages not "
+                    f"confirmed within {self._broker.settings.confirm_timeout:g}s")
+            try:
+                self._connection.drain_events(timeout=min(remaining, 1.0))
+            except socket.timeout:
+                continue
+        failures = [self._failed.pop(t) for t in tags if t in self._failed]
+        for tag in tags:
+            self._acked.discard(tag)
+        if failures:
+            raise TransientError(f"{len(failures)} of {len(tags)} not accepted: {failures[0]}")

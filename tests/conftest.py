@@ -1,0 +1,5 @@
+"""Fixtures every test module can use: a private RabbitMQ vhost, a private database."""
+
+from tests.broker_fixtures import rabbit_vhost
+
+__all__ = ["rabbit_vhost"]

@@ -1,0 +1,161 @@
+"""The worker runtime's contract, run against both kombu's memory transport and RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from shared.errors import PermanentError, TransientError
+from shared.metrics import Metrics
+from shared.runtime import StageRunner
+from shared.schemas import Codec, Edge
+from shared.settings import BrokerSettings, RetrySettings, Settings
+from shared.stage import Output
+from shared.transport import Broker, Envelope
+from tests import documents
+from tests.broker_fixtures import Vhost, drain_queue
+
+
+class ScriptedStage:
+    """A parse-like stage whose behaviour per message is chosen by the raw body."""
+
+    name = "parse"
+    input_edge: Edge = "raw"
+
+    def __init__(self, runner_stop: threading.Event, expected: int) -> None:
+        self.calls: dict[bytes, int] = {}
+        self.handled = 0
+        self.expected = expected
+        self.stop = runner_stop
+
+    def handle(self, document: dict[str, Any]) -> list[Output]:
+        body = document["raw"]
+        self.calls[body] = self.calls.get(body, 0) + 1
+        try:
+            if body.startswith(b"permanent"):
+                raise PermanentError("test-permanent", "always bad")
+            if body.startswith(b"buggy"):
+                raise ValueError("a bug")
+            if body.startswith(b"flaky") and self.calls[body] < 3:
+                raise TransientError("not yet")
+            return [Output("parsed", documents.parsed(document["trace_id"],
+                                                      message_id=body.decode()))]
+        finally:
+            self.handled += 1
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    if request.param == "memory":
+        prefix = f"t{id(request)}"
+        yield Broker(BrokerSettings(url="memory://", prefix=prefix))
+    else:
+        vhost: Vhost = request.getfixturevalue("rabbit_vhost")
+        yield Broker(BrokerSettings(url=vhost.url, prefix="mail", confirm_timeout=10))
+
+
+def run_until(broker: Broker, bodies: list[bytes], done: Any) -> tuple[ScriptedStage, Metrics]:
+    settings = replace(Settings(), broker=broker.settings,
+                       retry=RetrySettings(attempts=3, initial_delay=0.01, max_delay=0.05))
+    broker.declare()
+    publisher = broker.publisher()
+    publisher.publish([Output("raw", documents.raw(body)) for body in bodies])
+    publisher.close()
+    stop = threading.Event()
+    stage = ScriptedStage(stop, len(bodies))
+    metrics = Metrics()
+    runner = StageRunner(stage, settings, broker, metrics, stop)
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        deadline = threading.Event()
+        for _ in range(600):
+            if done(stage, metrics):
+                break
+            deadline.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "runner did not stop after the stop event"
+    return stage, metrics
+
+
+def counter(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def outputs_done(n: int) -> Any:
+    return lambda stage, metrics: counter(metrics, "mailroute_stage_messages_in_total",
+                                          stage="parse") >= n and stage.handled >= n
+
+
+def test_every_message_is_handled_once_and_published(broker: Broker) -> None:
+    bodies = [f"ok-{i}@example.com".encode() for i in range(120)]
+    stage, metrics = run_until(broker, bodies, lambda s, m: counter(
+        m, "mailroute_stage_messages_out_total", stage="parse") >= 120)
+    out = drain_queue(broker.settings.url, broker.topology.input_queue("route"))
+    ids = sorted(json.loads(body)["email"]["message_id"] for body, _ in out)
+    assert ids == sorted(b.decode() for b in bodies)
+    assert drain_queue(broker.settings.url, broker.topology.input_queue("parse")) == []
+    assert all(count == 1 for count in stage.calls.values())
+
+
+def test_bad_messages_are_dead_lettered_with_reason_while_others_flow(broker: Broker) -> None:
+    bodies = [b"permanent-1", b"good-1@x", b"buggy-1", b"flaky-1@x", b"good-2@x"]
+    _, metrics = run_until(broker, bodies, lambda s, m: counter(
+        m, "mailroute_stage_messages_out_total", stage="parse") >= 3 and sum(
+        counter(m, "mailroute_stage_messages_dead_lettered_total", stage="parse", reason=r)
+        for r in ("test-permanent", "handler-error")) >= 2)
+    routed = drain_queue(broker.settings.url, broker.topology.input_queue("route"))
+    assert sorted(json.loads(b)["email"]["message_id"] for b, _ in routed) == [
+        "flaky-1@x", "good-1@x", "good-2@x"]
+    dead = drain_queue(broker.settings.url, broker.topology.dead_queue("parse"))
+    reasons = {Codec().decode("raw", body)["raw"]: headers["x-mailroute-reason"]
+               for body, headers in dead}
+    assert reasons == {b"permanent-1": "test-permanent", b"buggy-1": "handler-error"}
+    assert counter(metrics, "mailroute_stage_messages_retried_total", stage="parse") >= 4
+
+
+def test_undecodable_document_is_dead_lettered(broker: Broker) -> None:
+    broker.declare()
+    publisher = broker.publisher()
+    publisher.publish_envelopes([Envelope(b"{not json", broker.topology.exchange_name,
+                                          broker.topology.input_queue("parse"))])
+    publisher.close()
+    run_until(broker, [b"good@x"], lambda s, m: counter(
+        m, "mailroute_stage_messages_dead_lettered_total", stage="parse",
+        reason="bad-document") >= 1 and s.handled >= 1)
+    dead = drain_queue(broker.settings.url, broker.topology.dead_queue("parse"))
+    assert [(body, h["x-mailroute-reason"]) for body, h in dead] == [
+        (b"{not json", "bad-document")]
+
+
+def test_unroutable_publish_fails_instead_of_vanishing(rabbit_vhost: Vhost) -> None:
+    broker = Broker(BrokerSettings(url=rabbit_vhost.url, confirm_timeout=5))
+    broker.declare()
+    publisher = broker.publisher()
+    with pytest.raises(TransientError, match="unroutable"):
+        publisher.publish_envelopes([Envelope(b"{}", broker.topology.exchange_name,
+                                              "no.such.queue")])
+    publisher.publish([Output("raw", documents.raw(b"after"))])  # reconnects and works
+    publisher.close()
+    assert len(drain_queue(broker.settings.url, broker.topology.input_queue("parse"))) == 1
+
+
+def test_declare_sets_quorum_queues_dead_letter_targets_and_delivery_limit_policy(
+        rabbit_vhost: Vhost) -> None:
+    broker = Broker(BrokerSettings(url=rabbit_vhost.url, delivery_limit=4))
+    broker.declare()
+    info = rabbit_vhost.queue_info("mail.parse")
+    assert info["arguments"]["x-queue-type"] == "quorum"
+    assert info["arguments"]["x-dead-letter-routing-key"] == "mail.parse.dead"
+    assert info["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+    [policy] = rabbit_vhost.policies()
+    assert policy["definition"] == {"delivery-limit": 4}
+    assert policy["pattern"] == r"^mail\.(parse|route|persist)$"
