@@ -8,7 +8,7 @@ Addresses compare case-insensitively (:func:`normalise_address`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from shared.settings import Settings
 
@@ -34,9 +34,11 @@ class Principal:
 
 class Directory:
     def __init__(self, settings: Settings) -> None:
+        groups: tuple[tuple[PrincipalKind, Any], ...] = (
+            ("user", settings.users), ("queue", settings.queues))
         self._principals = tuple(
             Principal(kind, p.name, normalise_address(p.address), p.mailbox, p.forward)
-            for kind, group in (("user", settings.users), ("queue", settings.queues))
+            for kind, group in groups
             for p in group
         )
         self._forward_mailboxes = frozenset(b.name for b in settings.mailboxes if b.forward)

@@ -20,9 +20,9 @@ return to the queue by themselves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -100,7 +100,7 @@ class StageRunner:
                     attempt = 0
                 except (Stopping, KeyboardInterrupt):
                     break
-                except Exception as exc:  # noqa: BLE001 - any connection failure: reconnect
+                except Exception as exc:
                     attempt += 1
                     delay = backoff_delay(self.settings.retry, attempt, self._rng)
                     log.warning("%s: broker connection failed (%s); reconnecting in %.1fs",
@@ -135,17 +135,15 @@ class StageRunner:
             publisher.close()
             try:
                 connection.release()
-            except Exception:  # noqa: BLE001 - the connection may already be broken
+            except Exception:
                 log.debug("error closing consumer connection", exc_info=True)
 
     def _poll(self, connection: Connection, timeout: float) -> None:
         # kombu's virtual (memory) transport treats timeout=0 as "wait forever"
         if self.broker.is_memory:
             timeout = max(timeout, 0.001)
-        try:
+        with contextlib.suppress(TimeoutError):
             connection.drain_events(timeout=timeout)
-        except socket.timeout:
-            pass
 
     def _take_arrived(self, connection: Connection, pending: list[Message]) -> None:
         """Read deliveries that are already here, up to the prefetch, without waiting."""
@@ -255,7 +253,7 @@ class StageRunner:
                 return self.stage.handle_batch(documents)
             except TransientError as exc:
                 self._wait_before_retry(attempt, exc)
-            except Exception as exc:  # noqa: BLE001 - isolate the bad message below
+            except Exception as exc:
                 log.info("%s: batch of %d failed (%s); handling one by one",
                          self.stage.name, len(documents), exc)
                 return None
@@ -273,7 +271,7 @@ class StageRunner:
                 return Dead(exc.reason, exc.detail)
             except TransientError as exc:
                 self._wait_before_retry(attempt, exc)
-            except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker
+            except Exception as exc:
                 if attempt >= self.settings.retry.attempts:
                     log.exception("%s: handler failed %d times", self.stage.name, attempt)
                     return Dead("handler-error", f"{type(exc).__name__}: {exc}")

@@ -228,7 +228,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    if isinstance(hint, type) and not isinstance(value, hint) or (
+    if (isinstance(hint, type) and not isinstance(value, hint)) or (
         hint is int and isinstance(value, bool)
     ):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
@@ -275,10 +275,10 @@ def _validate(settings: Settings) -> None:
                 raise ConfigError(f"{where}.address: {p.address} is used by another user or queue")
             seen.add(p.address.lower())
             if p.mailbox is not None:
-                box = by_name.get(p.mailbox)
-                if box is None or box.forward:
+                own = by_name.get(p.mailbox)
+                if own is None or own.forward:
                     raise ConfigError(f"{where}.mailbox: no direct mailbox named {p.mailbox!r}")
             if p.forward is not None:
-                box = by_name.get(p.forward)
-                if box is None or not box.forward:
+                forward = by_name.get(p.forward)
+                if forward is None or not forward.forward:
                     raise ConfigError(f"{where}.forward: no forward mailbox named {p.forward!r}")

@@ -16,6 +16,7 @@ delivers re-entrantly on a connection that waits for a confirm).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -118,7 +119,7 @@ class Publisher:
         if connection is not None:
             try:
                 connection.release()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
+            except Exception:
                 log.debug("error while closing publisher connection", exc_info=True)
 
     def keepalive(self) -> None:
@@ -126,10 +127,8 @@ class Publisher:
         if self._connection is None or self._broker.is_memory:
             return
         try:
-            try:
+            with contextlib.suppress(TimeoutError):
                 self._connection.drain_events(timeout=0)
-            except socket.timeout:
-                pass
             self._connection.heartbeat_check()
         except _connection_errors(self._connection) as exc:
             log.warning("publisher connection lost while idle: %s", exc)
@@ -208,7 +207,7 @@ class Publisher:
                     f"confirmed within {self._broker.settings.confirm_timeout:g}s")
             try:
                 self._connection.drain_events(timeout=min(remaining, 1.0))
-            except socket.timeout:
+            except TimeoutError:
                 continue
         failures = [self._failed.pop(t) for t in tags if t in self._failed]
         for tag in tags:

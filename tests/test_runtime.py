@@ -97,7 +97,7 @@ def outputs_done(n: int) -> Any:
 
 def test_every_message_is_handled_once_and_published(broker: Broker) -> None:
     bodies = [f"ok-{i}@example.com".encode() for i in range(120)]
-    stage, metrics = run_until(broker, bodies, lambda s, m: counter(
+    stage, _metrics = run_until(broker, bodies, lambda s, m: counter(
         m, "mailroute_stage_messages_out_total", stage="parse") >= 120)
     out = drain_queue(broker.settings.url, broker.topology.input_queue("route"))
     ids = sorted(json.loads(body)["email"]["message_id"] for body, _ in out)

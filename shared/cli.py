@@ -1,0 +1,321 @@
+"""The ``mailroute`` command: the entry point that loads the settings once and wires stages.
+
+Takes the command line (and ``MAILROUTE_CONFIG`` / ``MAILROUTE_*`` from the environment); runs
+all four stages in one process (``run``), one stage per process (``worker STAGE``), the
+database migrations (``db upgrade``) or prints the fleet's state (``status``).  Fails with a
+one-line error naming the problem and exit status 2 on a bad configuration, 1 when a server
+it needs cannot be reached; never with a traceback for those.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from shared.logs import configure_logging
+from shared.metrics import Metrics, MetricsServer
+from shared.runtime import StageRunner
+from shared.settings import ConfigError, Settings, load_settings
+from shared.topology import STAGES
+from shared.transport import Broker
+
+log = logging.getLogger("mailroute")
+
+STAGE_PORT_OFFSET = {"ingest": 0, "parse": 1, "route": 2, "persist": 3}
+
+
+@dataclass
+class Context:
+    config: str | None
+    settings: Settings | None = field(default=None)
+
+    def load(self) -> Settings:
+        if self.settings is None:
+            try:
+                self.settings = load_settings(self.config)
+            except ConfigError as exc:
+                raise click.ClickException(f"configuration: {exc}") from exc
+            configure_logging(self.settings.log_level, self.settings.log_format)
+        return self.settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", envvar="MAILROUTE_CONFIG", type=click.Path(dir_okay=False),
+              help="YAML configuration file (env MAILROUTE_CONFIG). Without it: embedded "
+                   "defaults (memory broker, SQLite under ./var). Any key can be overridden "
+                   "with MAILROUTE_SECTION__KEY, e.g. MAILROUTE_DATABASE__URL.")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """mailroute: turn incoming email into records for the right user or queue.
+
+    Mail flows ingest -> parse -> route -> persist through broker queues; each stage can run
+    in its own process (``worker``) or all together (``run``).
+    """
+    ctx.obj = Context(config)
+
+
+# -- building the stages -------------------------------------------------------------------
+def _engine(settings: Settings) -> Any:
+    from persist.database import create_engine_for, upgrade
+
+    engine = create_engine_for(settings.database.url)
+    upgrade(engine)
+    return engine
+
+
+def _build_consumer_stage(name: str, settings: Settings, engine: Any) -> Any:
+    if name == "parse":
+        from parse.worker import ParseStage
+
+        return ParseStage(settings.limits)
+    if name == "route":
+        from route.directory import Directory
+        from route.worker import RouteStage
+
+        return RouteStage(Directory(settings))
+    from persist.store import EmailStore
+    from persist.worker import PersistStage
+
+    return PersistStage(EmailStore(engine))
+
+
+def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Metrics,
+                   stop: threading.Event) -> Callable[[], None]:
+    from ingest.worker import IngestWorker
+    from persist.mailbox_state import MailboxStateStore
+
+    worker = IngestWorker(settings, broker.publisher(), MailboxStateStore(engine), metrics)
+    return lambda: worker.run(stop)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("received %s: finishing the current batch, then stopping",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _metrics_server(settings: Settings, metrics: Metrics, offset: int,
+                    readiness: Callable[[], list[bool]]) -> MetricsServer | None:
+    base = settings.metrics.base_port
+    if base < 0:
+        return None
+    port = 0 if base == 0 else base + offset
+    try:
+        server = MetricsServer(metrics, settings.metrics.host, port, readiness).start()
+    except OSError as exc:
+        raise click.ClickException(
+            f"metrics: cannot listen on {settings.metrics.host}:{port} ({exc.strerror}); "
+            "set metrics.base_port (MAILROUTE_METRICS__BASE_PORT), 0 for any free port"
+        ) from exc
+    click.echo(f"metrics: http://{server.host}:{server.port}/metrics "
+               f"(health /healthz, readiness /readyz)")
+    return server
+
+
+def _connect_or_fail(what: str, action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except Exception as exc:
+        raise click.ClickException(f"{what}: {exc}") from exc
+
+
+def _run_threads(targets: dict[str, Callable[[], None]], stop: threading.Event) -> None:
+    threads = [threading.Thread(target=t, name=name, daemon=True)
+               for name, t in targets.items()]
+    for thread in threads:
+        thread.start()
+    try:
+        while not stop.wait(0.5):
+            dead = [t.name for t in threads if not t.is_alive()]
+            if dead:
+                log.error("stage thread(s) ended unexpectedly: %s; stopping", ", ".join(dead))
+                stop.set()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+
+# -- commands ------------------------------------------------------------------------------
+@main.command()
+@click.pass_obj
+def run(obj: Context) -> None:
+    """Run all four stages in this process until Ctrl-C (the embedded default).
+
+    Applies database migrations, declares the queues, polls every configured mailbox and
+    prints a line whenever new records are created.
+    """
+    settings = obj.load()
+    engine = _connect_or_fail("database", lambda: _engine(settings))
+    broker = Broker(settings.broker)
+    _connect_or_fail("broker", broker.declare)
+    metrics = Metrics()
+    runners: list[StageRunner] = []
+    with _stop_on_signals() as stop:
+        for name in STAGES:
+            stage = _build_consumer_stage(name, settings, engine)
+            runners.append(StageRunner(stage, settings, broker, metrics, stop))
+        server = _metrics_server(settings, metrics, 0,
+                                 lambda: [r.is_ready for r in runners])
+        targets = {r.stage.name: r.run for r in runners}
+        targets["ingest"] = _ingest_target(settings, broker, engine, metrics, stop)
+        targets["report"] = _record_reporter(engine, stop)
+        click.echo(f"mailroute running: broker {_safe_url(settings.broker.url)}, database "
+                   f"{_safe_url(settings.database.url)}, {len(settings.mailboxes)} mailbox(es): "
+                   f"{', '.join(b.name for b in settings.mailboxes) or 'none'}. Ctrl-C stops.")
+        try:
+            _run_threads(targets, stop)
+        finally:
+            if server:
+                server.stop()
+    click.echo("mailroute stopped")
+
+
+def _record_reporter(engine: Any, stop: threading.Event) -> Callable[[], None]:
+    from persist.store import EmailStore
+
+    store = EmailStore(engine)
+
+    def report() -> None:
+        last: dict[str, int] = {}
+        while not stop.wait(1.0):
+            try:
+                counts = store.count_rows()
+            except Exception:
+                log.debug("record count failed", exc_info=True)
+                continue
+            if counts != last:
+                click.echo("records: " + ", ".join(f"{v} {k}" for k, v in counts.items()
+                                                   if k in ("emails", "deliveries",
+                                                            "queue_items", "attachments")))
+                last = counts
+
+    return report
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(["ingest", *STAGES]))
+@click.pass_obj
+def worker(obj: Context, stage: str) -> None:
+    """Run one STAGE in this process (start several for scale-out).
+
+    Its metrics are served on metrics.base_port + 0/1/2/3 for ingest/parse/route/persist.
+    SIGTERM finishes the current batch and exits.
+    """
+    settings = obj.load()
+    broker = Broker(settings.broker)
+    _connect_or_fail("broker", broker.declare)
+    needs_db = stage in ("ingest", "persist")
+    engine = _connect_or_fail("database", lambda: _engine(settings)) if needs_db else None
+    metrics = Metrics()
+    with _stop_on_signals() as stop:
+        if stage == "ingest":
+            target = _ingest_target(settings, broker, engine, metrics, stop)
+            readiness: Callable[[], list[bool]] = lambda: [True]  # noqa: E731
+        else:
+            runner = StageRunner(_build_consumer_stage(stage, settings, engine), settings,
+                                 broker, metrics, stop)
+            target = runner.run
+            readiness = lambda: [runner.is_ready]  # noqa: E731
+        server = _metrics_server(settings, metrics, STAGE_PORT_OFFSET[stage], readiness)
+        click.echo(f"mailroute worker {stage} running (pid {os.getpid()})")
+        try:
+            _run_threads({stage: target}, stop)
+        finally:
+            if server:
+                server.stop()
+
+
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+def db_upgrade(obj: Context) -> None:
+    """Apply every pending migration (safe to repeat)."""
+    settings = obj.load()
+    from persist.database import current_revision
+
+    engine = _connect_or_fail("database", lambda: _engine(settings))
+    click.echo(f"database {_safe_url(settings.database.url)} at revision "
+               f"{current_revision(engine)}")
+
+
+@main.command()
+@click.pass_obj
+def status(obj: Context) -> None:
+    """Show every mailbox with its last poll and outcome, and the queue depths."""
+    settings = obj.load()
+    from persist.mailbox_state import MailboxStateStore
+
+    engine = _connect_or_fail("database", lambda: _engine(settings))
+    states = {(s.mailbox, s.folder): s for s in MailboxStateStore(engine).all_states()}
+    click.echo(f"{'MAILBOX':<20} {'FOLDER':<10} {'STATUS':<9} {'LAST POLL':<26} "
+               f"{'FAILURES':>8}  LAST ERROR")
+    for box in settings.mailboxes:
+        folder = box.folder if box.kind == "imap" else "new"
+        state = states.get((box.name, folder))
+        if state is None:
+            click.echo(f"{box.name:<20} {folder:<10} {'not-run':<9} {'-':<26} {0:>8}")
+            continue
+        last = state.last_poll_at.isoformat(timespec="seconds") if state.last_poll_at else "-"
+        click.echo(f"{box.name:<20} {folder:<10} {state.status:<9} {last:<26} "
+                   f"{state.consecutive_failures:>8}  {state.last_error or ''}")
+    broker = Broker(settings.broker)
+    depths = _connect_or_fail("broker", lambda: _queue_depths(broker))
+    click.echo("")
+    click.echo(f"{'QUEUE':<28} {'MESSAGES':>9} {'CONSUMERS':>9}")
+    for name, (messages, consumers) in depths.items():
+        click.echo(f"{name:<28} {messages:>9} {consumers:>9}")
+
+
+def _queue_depths(broker: Broker) -> dict[str, tuple[int, int]]:
+    depths = {}
+    broker.declare()
+    with broker.connect() as connection:
+        channel = connection.channel()
+        for stage in STAGES:
+            for name in (broker.topology.input_queue(stage), broker.topology.dead_queue(stage)):
+                _, messages, consumers = channel.queue_declare(queue=name, passive=True)
+                depths[name] = (messages, consumers)
+    return depths
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for printing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,46 @@
+"""Logging set-up for a worker process: JSON or text lines, one record per line.
+
+Takes the level and format from the settings; gives nothing back (configures the root logger).
+Messages are escaped so that a CR or LF coming from a mail header cannot forge a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "thread": record.threadName,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text.replace("\r", "\\r").replace("\n", "\\n") if not record.exc_info else text
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # imaplib/imapclient debug output can show a LOGIN line: never below INFO.
+    for noisy in ("imapclient", "imaplib", "amqp", "kombu"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
