@@ -62,7 +62,7 @@ class Workers:
 
     def stop_all(self) -> dict[str, int]:
         codes = {}
-        for stage, process in self.processes.items():
+        for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for stage, process in self.processes.items():
