@@ -22,7 +22,7 @@ def email(message_id: str = "m1@example.com", subject: str = "hi") -> dict[str, 
     fingerprint = hashlib.sha256(subject.encode()).hexdigest()
     return {"message_id": message_id, "dedup_key": f"mid:{message_id}",
             "fingerprint": fingerprint, "subject": subject, "date": None,
-            "from": [{"name": "Ann", "address": "ann@example.org"}],
+            "from_": [{"name": "Ann", "address": "ann@example.org"}],
             "to": [{"name": "", "address": "alice@example.com"}], "cc": [], "reply_to": [],
             "in_reply_to": None, "references": [], "headers": {}, "text": "hello",
             "html": None, "attachments": [], "defects": [], "size": 30}

@@ -1,0 +1,228 @@
+"""Decoding of the few header values the parse stage uses, each parsed once and cheaply.
+
+Takes raw header values as the ``compat32`` parser keeps them (folded, 8-bit bytes carried as
+surrogate escapes) and gives plain text: RFC 2047 words decoded, addresses as
+``{name, address}`` dicts, dates as aware datetimes, message ids without angle brackets.
+Never raises on bad input: what cannot be decoded is replaced (U+FFFD) or dropped, and a
+short defect string is appended to the ``defects`` list the caller passes in.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.header import decode_header, make_header
+from email.utils import getaddresses, parsedate_to_datetime
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])|\r(?=[ \t])")
+_UNSAFE_TEXT = re.compile("[\x00\ud800-\udfff]")
+_ANGLE_ID = re.compile(r"<([^<>]*)>")
+_DOMAIN = re.compile(r"[^\s@\[\]()<>\",;:\\]+")
+# Comment nesting deeper than this is hostile (500 nested comments make getaddresses recurse
+# until RecursionError) and never seen in real mail.
+_MAX_COMMENT_DEPTH = 8
+_MAX_ENCODED_TEXT = 16384
+
+
+def unfold(value: str) -> str:
+    """One logical line: folding line breaks removed, ends trimmed."""
+    if "\n" in value or "\r" in value:
+        value = _FOLD.sub("", value).replace("\r", "").replace("\n", "")
+    return value.strip()
+
+
+def raw_text(value: str) -> str:
+    """A raw header value with 8-bit bytes (surrogate escapes) decoded as UTF-8 or cp1252."""
+    if not _UNSAFE_TEXT.search(value):
+        return value
+    data = value.encode("utf-8", "surrogateescape")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("cp1252", "replace")
+    return scrub(text)
+
+
+def scrub(text: str) -> str:
+    """Text safe for JSON and PostgreSQL: no NUL, no lone surrogates."""
+    if _UNSAFE_TEXT.search(text):
+        return _UNSAFE_TEXT.sub("\ufffd", text)
+    return text
+
+
+def decode_bytes(data: bytes, charset: str | None, defects: list[str]) -> str:
+    """Bytes to text in ``charset``; unknown charsets and bad bytes become U+FFFD + a defect."""
+    if charset in ("us-ascii", "ascii"):
+        charset = "utf-8"  # 8-bit text labelled ASCII is nearly always UTF-8; ASCII is a subset
+    if charset:
+        try:
+            text = data.decode(charset, "replace")
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            add_defect(defects, f"unknown-charset:{charset[:40]}")
+            return scrub(data.decode("utf-8", "replace"))
+        if "\ufffd" in text and b"\xef\xbf\xbd" not in data:
+            add_defect(defects, f"charset-decode-error:{charset[:40]}")
+        return scrub(text)
+    try:
+        return scrub(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return scrub(data.decode("cp1252", "replace"))
+
+
+def decode_words(value: str, defects: list[str]) -> str:
+    """An unstructured header value (Subject, a display name) with RFC 2047 words decoded."""
+    text = raw_text(unfold(value))
+    if "=?" not in text:
+        return text
+    if len(text) > _MAX_ENCODED_TEXT:
+        # decode_header + make_header take seconds on a megabyte of encoded words.
+        add_defect(defects, "encoded-text-truncated")
+        text = text[:_MAX_ENCODED_TEXT]
+    try:
+        return scrub(str(make_header(decode_header(text))))
+    except Exception:  # any failure falls back to the lenient decoder below
+        pass
+    try:
+        chunks = decode_header(text)
+    except Exception:
+        add_defect(defects, "bad-encoded-word")
+        return text
+    add_defect(defects, "bad-encoded-word")
+    out = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):
+            out.append(chunk)
+        elif charset is None:
+            out.append(chunk.decode("raw-unicode-escape", "replace"))
+        else:
+            out.append(decode_bytes(chunk, charset, defects))
+    return scrub("".join(out))
+
+
+def _scan_address_value(value: str) -> int | None:
+    """The number of ``@`` outside quotes and comments, or None when the value is unbalanced."""
+    if '"' not in value and "(" not in value and "\\" not in value and ")" not in value:
+        if value.count("<") != value.count(">"):
+            return None
+        return value.count("@")
+    at_signs = 0
+    in_quote = False
+    comment_depth = 0
+    angle_depth = 0
+    escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_quote:
+            if char == '"':
+                in_quote = False
+        elif comment_depth:
+            if char == "(":
+                comment_depth += 1
+                if comment_depth > _MAX_COMMENT_DEPTH:
+                    return None
+            elif char == ")":
+                comment_depth -= 1
+        elif char == '"':
+            in_quote = True
+        elif char == "(":
+            comment_depth = 1
+        elif char == ")":
+            return None
+        elif char == "<":
+            angle_depth += 1
+            if angle_depth > 1:
+                return None
+        elif char == ">":
+            angle_depth -= 1
+            if angle_depth < 0:
+                return None
+        elif char == "@":
+            at_signs += 1
+    if in_quote or comment_depth or angle_depth or escaped:
+        return None
+    return at_signs
+
+
+def _normalise_address(address: str) -> str | None:
+    """``local@domain`` with the domain lower-cased, or None when it is not one clear mailbox."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or "@" in local or '"' in local:
+        return None
+    if not _DOMAIN.fullmatch(domain) or local.startswith(".") or local.endswith("."):
+        return None
+    return f"{local}@{domain.lower()}"
+
+
+def parse_addresses(name: str, values: list[str], defects: list[str]) -> list[dict[str, str]]:
+    """Mailboxes of one address header; ambiguous ones (CVE-2023-27043) are dropped."""
+    result: list[dict[str, str]] = []
+    for raw_value in values:
+        value = raw_text(unfold(raw_value))
+        if not value:
+            continue
+        at_signs = _scan_address_value(value)
+        if at_signs is None:
+            add_defect(defects, f"ambiguous-address:{name}")
+            continue
+        try:
+            pairs = getaddresses([value])
+        except Exception:  # RecursionError and friends on hostile values
+            add_defect(defects, f"ambiguous-address:{name}")
+            continue
+        pairs = [(display, addr) for display, addr in pairs if display or addr]
+        if sum(1 for _, addr in pairs if "@" in addr) != at_signs:
+            add_defect(defects, f"ambiguous-address:{name}")
+            continue
+        for display, addr in pairs:
+            address = _normalise_address(addr.strip())
+            if address is None:
+                add_defect(defects, f"ambiguous-address:{name}" if "@" in addr
+                     else f"invalid-address:{name}")
+                continue
+            result.append({"name": decode_words(display, defects), "address": address})
+    return result
+
+
+def parse_date(values: list[str], defects: list[str]) -> datetime | None:
+    """The first Date value as an aware datetime (a naive one is taken as UTC), or None."""
+    if not values:
+        return None
+    try:
+        parsed = parsedate_to_datetime(raw_text(unfold(values[0])))
+    except Exception:  # ValueError, TypeError, OverflowError, IndexError
+        add_defect(defects, "bad-date")
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def parse_message_id(values: list[str]) -> str | None:
+    """The first message id, without angle brackets; None when missing or empty."""
+    if not values:
+        return None
+    value = raw_text(unfold(values[0]))
+    match = _ANGLE_ID.search(value)
+    candidate = match.group(1) if match else value
+    candidate = "".join(candidate.split())
+    return candidate or None
+
+
+def parse_references(values: list[str]) -> list[str]:
+    """All message ids of References, in order, without angle brackets."""
+    ids: list[str] = []
+    for raw_value in values:
+        value = raw_text(unfold(raw_value))
+        found = ["".join(item.split()) for item in _ANGLE_ID.findall(value)]
+        ids.extend(item for item in found if item)
+    return ids
+
+
+def add_defect(defects: list[str], defect: str) -> None:
+    if defect not in defects:
+        defects.append(defect)
+
+

@@ -1,0 +1,270 @@
+"""The body and attachments of one parsed message, walked without the expensive header policy.
+
+Takes an ``email.message.Message`` parsed with ``policy=compat32`` (cheap: headers stay raw
+strings) and gives its text and HTML bodies and its attachments as plain data.  The walk
+never descends into an attached message (``message/*``): that is a leaf, an attachment of its
+own, or an inner email for the caller to unwrap.  Payloads are decoded by us (base64 leniently,
+charsets with replacement characters); nothing here raises on bad content -- problems become
+short defect strings.  Nesting deeper than the limit raises PermanentError("nesting-too-deep").
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from email.message import Message
+from email.policy import Compat32
+from typing import Any
+
+from parse.headers import add_defect, decode_bytes, decode_words, raw_text, scrub, unfold
+from shared.errors import PermanentError
+
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_BIDI_AND_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c|00)", re.IGNORECASE)
+_MAX_FILENAME = 200
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+INNER_MESSAGE_TYPES = ("message/rfc822", "message/global")
+
+
+@dataclass
+class Leaf:
+    """One part that is not a multipart container, in document order."""
+
+    part: Message
+    content_type: str
+    depth: int
+
+
+@dataclass
+class Content:
+    text: str | None = None
+    html: str | None = None
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+
+
+def leaves(message: Message, max_depth: int, defects: list[str]) -> list[Leaf]:
+    """Every non-multipart part of ``message`` in order, not descending into message/* parts.
+
+    The parser's defects of every part visited (containers too) are added to ``defects``.
+    """
+    found: list[Leaf] = []
+    stack: list[tuple[Message, int]] = [(message, 0)]
+    while stack:
+        part, depth = stack.pop()
+        if depth > max_depth:
+            raise PermanentError("nesting-too-deep", f"more than {max_depth} levels")
+        part_defects(part, defects)
+        content_type = content_type_of(part)
+        payload = part.get_payload()
+        if content_type.startswith("multipart/") and isinstance(payload, list):
+            stack.extend((sub, depth + 1) for sub in reversed(payload)
+                         if isinstance(sub, Message))
+        else:
+            found.append(Leaf(part, content_type, depth))
+    return found
+
+
+def content_type_of(part: Message) -> str:
+    try:
+        return part.get_content_type()
+    except Exception:  # a hostile Content-Type is plain text
+        return "text/plain"
+
+
+def disposition_of(part: Message) -> str:
+    value = part.get("content-disposition")
+    if value is None:
+        return ""
+    return str(value).split(";", 1)[0].strip().lower()
+
+
+def raw_filename(part: Message, defects: list[str]) -> str | None:
+    """The filename the part declares (RFC 2231 / RFC 2047 decoded), unsanitised, or None."""
+    try:
+        name = _with_text_headers(part).get_filename()
+    except Exception:
+        add_defect(defects, "bad-filename")
+        return None
+    if name is None:
+        return None
+    return decode_words(str(name), defects)
+
+
+def _with_text_headers(part: Message) -> Message:
+    """``part``, or a stand-in whose Content-* headers have raw 8-bit bytes decoded as text.
+
+    compat32 turns a header holding raw 8-bit bytes into U+FFFD when its parameters are read;
+    a UTF-8 (or cp1252) filename sent without RFC 2231 encoding is common enough to keep.
+    """
+    raw = [(name, value) for name, value in part.raw_items()
+           if name.lower() in ("content-disposition", "content-type")]
+    if not any(raw_text(value) != value for _, value in raw):
+        return part
+    stand_in = Message()
+    for name, value in raw:
+        stand_in[name] = raw_text(value)
+    return stand_in
+
+
+def sanitise_filename(name: str | None, fallback: str) -> str:
+    """A name safe to show and store: no directories, control, bidi or NUL characters."""
+    if not name:
+        return fallback
+    name = _ENCODED_SEPARATOR.sub("_", name)
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _BIDI_AND_INVISIBLE.sub("", name)
+    name = "".join(char for char in name if unicodedata.category(char)[0] != "C")
+    name = name.strip().lstrip(".").strip()
+    if not name:
+        return fallback
+    if len(name) > _MAX_FILENAME:
+        _, dot, extension = name.rpartition(".")
+        keep = extension if dot and len(extension) <= 16 else ""
+        name = name[: _MAX_FILENAME - len(keep) - 1] + ("." + keep if keep else "")
+    return name
+
+
+def payload_bytes(part: Message, defects: list[str]) -> bytes:
+    """The decoded content of a leaf part (transfer encoding undone); never raises."""
+    if part.is_multipart():
+        return message_part_bytes(part, defects)
+    payload = part.get_payload()
+    if not isinstance(payload, str):
+        return b""
+    encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
+    if encoding == "base64":
+        return decode_base64(payload.encode("utf-8", "surrogateescape"), defects)
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # uuencode and quoted-printable oddities
+        add_defect(defects, f"bad-transfer-encoding:{encoding[:20]}")
+        return payload.encode("utf-8", "surrogateescape")
+    return data if isinstance(data, bytes) else b""
+
+
+def decode_base64(data: bytes, defects: list[str]) -> bytes:
+    """Lenient base64: stray characters skipped, a broken tail dropped, with a defect."""
+    try:
+        return binascii.a2b_base64(data, strict_mode=False)
+    except binascii.Error:
+        pass
+    add_defect(defects, "broken-base64")
+    cleaned = _NOT_BASE64.sub(b"", data.split(b"=", 1)[0])
+    usable = len(cleaned) - len(cleaned) % 4
+    tail = cleaned[usable:]
+    if len(tail) >= 2:
+        cleaned = cleaned[:usable] + tail + b"=" * (4 - len(tail))
+    else:
+        cleaned = cleaned[:usable]
+    try:
+        return binascii.a2b_base64(cleaned)
+    except binascii.Error:
+        return b""
+
+
+def message_part_bytes(part: Message, defects: list[str]) -> bytes:
+    """The bytes of the message carried by a message/* part (transfer encoding undone)."""
+    payload = part.get_payload()
+    if (content_type_of(part) in INNER_MESSAGE_TYPES and isinstance(payload, list)
+            and len(payload) == 1 and isinstance(payload[0], Message)):
+        body = serialise(payload[0])
+    else:
+        whole = serialise(part)
+        split = re.search(rb"\r?\n\r?\n", whole)
+        body = whole[split.end():] if split else b""
+    encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
+    if encoding == "base64":
+        return decode_base64(body, defects)
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(body)
+    return body
+
+
+class _VerbatimHeaders(Compat32):
+    """compat32 that writes each header back as it was read, without re-folding it."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        return f"{name}: {value}{self.linesep}".encode("utf-8", "surrogateescape")
+
+
+def serialise(message: Message) -> bytes:
+    """The bytes of a parsed message, headers as read (cheaper and truer than re-folding)."""
+    return message.as_bytes(policy=_VerbatimHeaders())
+
+
+def decode_text(part: Message, data: bytes, defects: list[str]) -> str:
+    try:
+        charset = part.get_content_charset()
+    except Exception:
+        charset = None
+    return decode_bytes(data, charset, defects)
+
+
+def part_defects(part: Message, defects: list[str]) -> None:
+    for defect in getattr(part, "defects", ()):
+        add_defect(defects, _CAMEL.sub("-", type(defect).__name__.removesuffix("Defect")).lower())
+
+
+def inner_subject(message: Message, defects: list[str]) -> str:
+    for name, value in message.raw_items():
+        if name.lower() == "subject":
+            return decode_words(value, defects)
+    return ""
+
+
+def collect(message: Message, max_depth: int, defects: list[str]) -> Content:
+    """Text, HTML and attachments of ``message``, in document order."""
+    content = Content()
+    for leaf in leaves(message, max_depth, defects):
+        part = leaf.part
+        if leaf.content_type.startswith("multipart/"):
+            # No parts found (a missing or wrong boundary): keep any text as the body.
+            add_defect(defects, "multipart-without-parts")
+            leftover = decode_text(part, payload_bytes(part, defects), defects)
+            if leftover.strip() and content.text is None:
+                content.text = leftover
+            continue
+        disposition = disposition_of(part)
+        if leaf.content_type in ("text/plain", "text/html") and disposition != "attachment":
+            name = raw_filename(part, defects)
+            if name is None:
+                text = decode_text(part, payload_bytes(part, defects), defects)
+                if leaf.content_type == "text/plain":
+                    content.text = text if content.text is None else content.text + "\n" + text
+                    continue
+                if content.html is None:
+                    content.html = text
+                    continue
+        content.attachments.append(_attachment_of(leaf, len(content.attachments) + 1, defects))
+    return content
+
+
+def _attachment_of(leaf: Leaf, number: int, defects: list[str]) -> dict[str, Any]:
+    part = leaf.part
+    declared = raw_filename(part, defects)
+    name = declared
+    if leaf.content_type.startswith("message/"):
+        data = message_part_bytes(part, defects) if part.is_multipart() else payload_bytes(
+            part, defects)
+        if name is None and leaf.content_type in INNER_MESSAGE_TYPES:
+            payload = part.get_payload()
+            subject = (inner_subject(payload[0], defects)
+                       if isinstance(payload, list) and payload
+                       and isinstance(payload[0], Message) else "")
+            name = f"{subject}.eml" if subject.strip() else "attached-message.eml"
+    else:
+        data = payload_bytes(part, defects)
+    filename = sanitise_filename(name, f"attachment-{number}")
+    if declared is not None and filename != declared:
+        add_defect(defects, "unsafe-filename")
+    return {
+        "filename": filename,
+        "content_type": scrub(leaf.content_type),
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "content": data,
+    }
