@@ -1,0 +1,231 @@
+"""Reads one folder of one IMAP mailbox: new messages by UID, in batches, then acts on them.
+
+Takes a :class:`~shared.settings.MailboxSettings` and its server's
+:class:`~shared.settings.ServerProfile`; gives :class:`ImapSource`, a context manager that
+connects (TLS per the profile, certificates always verified unless ``verify_tls`` is false),
+logs in and selects the folder.  :meth:`ImapSource.batches` yields the messages whose UID is
+above ``after_uid`` (``UID SEARCH n:*`` always returns the last message, so UIDs at or below
+the cursor are dropped), ``batch_size`` at a time, each body paired with the UID its own FETCH
+response carries; a message expunged meanwhile is simply missing.  :meth:`after_confirm`
+applies keep / seen / move / delete to one batch.  UID commands only.
+
+Fails with :class:`~ingest.errors.MailboxAuthError` when the login is refused and
+:class:`~ingest.errors.MailboxUnavailable` on network, TLS, timeout or protocol errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from ingest.errors import MailboxAuthError, MailboxUnavailable
+from ingest.source import Batch, FetchedMessage
+from shared.settings import MailboxSettings, ServerProfile
+
+log = logging.getLogger(__name__)
+
+SEEN = b"\\Seen"
+DELETED = b"\\Deleted"
+FETCH_ITEMS = [b"BODY.PEEK[]", b"INTERNALDATE"]
+
+ClientFactory = Callable[..., IMAPClient]
+
+
+def tls_context(profile: ServerProfile) -> ssl.SSLContext:
+    """A context that verifies the server (against ``ca_file`` if set), unless told not to."""
+    context = ssl.create_default_context(cafile=profile.ca_file)
+    if not profile.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ImapSource:
+    """One IMAP folder, opened for one poll."""
+
+    def __init__(self, mailbox: MailboxSettings, profile: ServerProfile,
+                 client_factory: ClientFactory = IMAPClient) -> None:
+        self._mailbox = mailbox
+        self._profile = profile
+        self._client_factory = client_factory
+        self._client: IMAPClient | None = None
+        self._uidvalidity: int | None = None
+
+    @property
+    def uidvalidity(self) -> int | None:
+        return self._uidvalidity
+
+    # ---- session ----------------------------------------------------------------------
+
+    def __enter__(self) -> ImapSource:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> None:
+        profile, box = self._profile, self._mailbox
+        with self._translate("connect"):
+            if profile.tls == "ssl":
+                client = self._client_factory(profile.host, port=profile.port, ssl=True,
+                                              ssl_context=tls_context(profile),
+                                              timeout=profile.timeout)
+            else:
+                client = self._client_factory(profile.host, port=profile.port, ssl=False,
+                                              timeout=profile.timeout)
+        self._client = client
+        try:
+            with self._translate("starttls"):
+                if profile.tls == "starttls":
+                    client.starttls(tls_context(profile))
+            # Aware datetimes as the server sent them, not converted to naive local time.
+            client.normalise_times = False
+            try:
+                client.login(box.username or "", box.password or "")
+            except LoginError as exc:
+                raise MailboxAuthError(
+                    f"mailbox {box.name}: login as {box.username!r} on {profile.host} "
+                    f"refused: {_text(exc)}") from None
+            with self._translate("select"):
+                status = client.select_folder(box.folder)
+            self._uidvalidity = int(status[b"UIDVALIDITY"])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.logout()
+        except Exception:  # the session may already be gone; nothing to do
+            try:
+                client.shutdown()
+            except Exception:
+                log.debug("mailbox %s: could not close the connection", self._mailbox.name)
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def new_uids(self, after_uid: int) -> list[int]:
+        """UIDs above ``after_uid``, ascending (the n:* answer filtered to UIDs > n-1)."""
+        client = self._require_client()
+        with self._translate("search"):
+            found = client.search(["UID", f"{after_uid + 1}:*"])
+        return sorted({int(uid) for uid in found if int(uid) > after_uid})
+
+    def batches(self, after_uid: int) -> Iterator[Batch]:
+        uids = self.new_uids(after_uid)
+        size = max(1, self._mailbox.batch_size)
+        for start in range(0, len(uids), size):
+            wanted = uids[start:start + size]
+            messages = self._fetch(wanted)
+            if not messages:
+                continue  # all expunged meanwhile
+            yield Batch(messages=messages, uidvalidity=self._uidvalidity,
+                        last_uid=max(int(m.uid) for m in messages))
+
+    def _fetch(self, uids: list[int]) -> list[FetchedMessage]:
+        client = self._require_client()
+        with self._translate("fetch"):
+            response = client.fetch(uids, FETCH_ITEMS)
+        wanted = set(uids)
+        messages = []
+        # imapclient keys each response by the UID inside that response, never by position.
+        for uid, data in sorted(response.items()):
+            body = data.get(b"BODY[]")
+            if uid not in wanted or body is None:
+                continue
+            messages.append(FetchedMessage(uid=str(uid), raw=bytes(body),
+                                           received_at=_aware(data.get(b"INTERNALDATE"))))
+        return messages
+
+    # ---- after-processing ---------------------------------------------------------------
+
+    def after_confirm(self, batch: Batch) -> None:
+        """Apply the mailbox's action to the batch's messages (call only once confirmed)."""
+        uids = [int(m.uid) for m in batch.messages]
+        action = self._mailbox.after
+        if not uids or action == "keep":
+            return
+        client = self._require_client()
+        with self._translate(f"after-processing ({action})"):
+            if action == "seen":
+                client.add_flags(uids, [SEEN], silent=True)
+            elif action == "delete":
+                client.add_flags(uids, [DELETED], silent=True)
+                self._expunge(uids)
+            elif action == "move":
+                self._move(uids, self._mailbox.move_to or "")
+
+    def _move(self, uids: list[int], folder: str) -> None:
+        client = self._require_client()
+        try:
+            self._move_once(uids, folder)
+        except IMAPClientError as exc:
+            if "TRYCREATE" not in _text(exc).upper():
+                raise
+            log.info("mailbox %s: creating folder %r to move messages to",
+                     self._mailbox.name, folder)
+            client.create_folder(folder)
+            self._move_once(uids, folder)
+
+    def _move_once(self, uids: list[int], folder: str) -> None:
+        client = self._require_client()
+        if client.has_capability("MOVE"):
+            client.move(uids, folder)
+            return
+        client.copy(uids, folder)
+        client.add_flags(uids, [DELETED], silent=True)
+        self._expunge(uids)
+
+    def _expunge(self, uids: list[int]) -> None:
+        client = self._require_client()
+        if client.has_capability("UIDPLUS"):
+            client.uid_expunge(uids)
+        else:
+            # Without UID EXPUNGE this also removes other messages already marked \Deleted.
+            client.expunge()
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _require_client(self) -> IMAPClient:
+        if self._client is None:
+            raise MailboxUnavailable(f"mailbox {self._mailbox.name}: not connected")
+        return self._client
+
+    @contextmanager
+    def _translate(self, step: str) -> Iterator[None]:
+        try:
+            yield
+        except LoginError as exc:
+            raise MailboxAuthError(f"mailbox {self._mailbox.name}: {step}: {_text(exc)}") \
+                from None
+        except (IMAPClientError, OSError) as exc:  # ssl.SSLError and timeouts are OSErrors
+            kind = "IMAP error" if isinstance(exc, IMAPClientError) else type(exc).__name__
+            raise MailboxUnavailable(
+                f"mailbox {self._mailbox.name}: {step} on {self._profile.host}:"
+                f"{self._profile.port} failed: {kind}: {_text(exc)}") from exc
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc)
+    if text.startswith(("b'", 'b"')):  # imapclient passes the server's bytes through str()
+        text = text[2:-1]
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _aware(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return datetime.now(UTC)

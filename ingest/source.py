@@ -1,0 +1,47 @@
+"""What every mailbox source gives the ingest worker: batches of fetched messages.
+
+Takes nothing; gives :class:`FetchedMessage`, :class:`Batch` and the :class:`MailSource`
+protocol that ``imap_source`` and ``maildir_source`` implement.  A source is opened as a
+context manager; :meth:`MailSource.batches` yields batches lazily (the next one is fetched
+only when asked for), and :meth:`MailSource.after_confirm` applies the mailbox's
+after-processing action (keep, seen, move, delete) to one batch.  The worker calls it only
+after the batch is confirmed by the broker and the cursor is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    uid: str
+    raw: bytes
+    received_at: datetime  # aware
+
+
+@dataclass(frozen=True)
+class Batch:
+    messages: list[FetchedMessage]
+    # For IMAP: the folder's UIDVALIDITY and the highest UID in the batch (the cursor to save
+    # once it is confirmed).  A Maildir has no cursor: both None.
+    uidvalidity: int | None = None
+    last_uid: int | None = None
+
+
+class MailSource(Protocol):
+    @property
+    def uidvalidity(self) -> int | None: ...
+
+    def __enter__(self) -> MailSource: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def batches(self, after_uid: int) -> Iterator[Batch]: ...
+
+    def after_confirm(self, batch: Batch) -> None: ...

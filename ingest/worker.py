@@ -1,0 +1,194 @@
+"""The ingest worker: polls every configured mailbox and hands new mail to the broker.
+
+Takes the :class:`~shared.settings.Settings`, a publisher (``publish(outputs)`` that returns
+only once the broker confirmed every output, else raises ``TransientError``), the mailbox
+state store (cursors and poll outcomes, ``persist.mailbox_state``) and the process's
+:class:`~shared.metrics.Metrics`; gives :class:`IngestWorker`.  For each batch of new messages
+the order of effects is fixed: publish ``raw`` documents and wait for the confirms, then save
+the cursor, then apply the mailbox's after-processing action.  A crash in between can only
+make a message be fetched again (persistence removes the duplicate); nothing is flagged, moved
+or deleted before it is confirmed.
+
+Fails per mailbox: :meth:`IngestWorker.poll_once` records the failed poll and re-raises
+(``MailboxAuthError``, ``MailboxUnavailable``, ``TransientError`` ...); :meth:`run` logs it
+and carries on with the other mailboxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from ingest.errors import MailboxError
+from ingest.imap_source import ImapSource
+from ingest.maildir_source import MaildirSource
+from ingest.source import Batch, MailSource
+from shared.metrics import Metrics
+from shared.settings import MailboxSettings, Settings
+from shared.stage import Output
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    def publish(self, outputs: Sequence[Output]) -> None: ...
+
+
+class CursorLike(Protocol):
+    @property
+    def uidvalidity(self) -> int | None: ...
+
+    @property
+    def last_uid(self) -> int: ...
+
+
+class StateStore(Protocol):
+    def cursor(self, mailbox: str, folder: str) -> CursorLike | None: ...
+
+    def save_cursor(self, mailbox: str, folder: str, uidvalidity: int | None,
+                    last_uid: int) -> Any: ...
+
+    def record_poll(self, mailbox: str, folder: str, ok: bool, error: str | None = None,
+                    fetched: int = 0, at: datetime | None = None) -> Any: ...
+
+
+SourceFactory = Callable[[MailboxSettings], MailSource]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IngestWorker:
+    """Polls mailboxes; one instance per ingest process (or thread)."""
+
+    name = "ingest"
+
+    def __init__(self, settings: Settings, publisher: Publisher, state_store: StateStore,
+                 metrics: Metrics, clock: Callable[[], datetime] = _utc_now,
+                 source_factory: SourceFactory | None = None) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._state = state_store
+        self._metrics = metrics
+        self._clock = clock
+        self._source_factory = source_factory or self._default_source
+
+    def _default_source(self, box: MailboxSettings) -> MailSource:
+        if box.kind == "maildir":
+            return MaildirSource(box)
+        return ImapSource(box, self._settings.server(box.server or ""))
+
+    # ---- one poll ---------------------------------------------------------------------
+
+    def poll_once(self, box: MailboxSettings, stop: threading.Event | None = None) -> int:
+        """Fetch, publish and confirm every new message of ``box``; returns how many.
+
+        With ``stop`` set, it ends after the batch in hand is finished (confirmed, cursor
+        saved, acted on); the rest waits for the next poll.
+        """
+        confirmed = 0
+        try:
+            with self._source_factory(box) as source:
+                after_uid = self._resume_point(box, source.uidvalidity)
+                for batch in source.batches(after_uid):
+                    self._publisher.publish(self._outputs(box, batch))
+                    if batch.uidvalidity is not None and batch.last_uid is not None:
+                        self._state.save_cursor(box.name, box.folder, batch.uidvalidity,
+                                                batch.last_uid)
+                    confirmed += len(batch.messages)
+                    self._metrics.mailbox_fetched.labels(mailbox=box.name).inc(
+                        len(batch.messages))
+                    source.after_confirm(batch)
+                    if stop is not None and stop.is_set():
+                        break
+        except Exception as exc:
+            self._record_failure(box, exc, confirmed)
+            raise
+        now = self._clock()
+        self._state.record_poll(box.name, box.folder, ok=True, fetched=confirmed, at=now)
+        self._metrics.mailbox_polls.labels(mailbox=box.name, outcome="success").inc()
+        self._metrics.mailbox_last_success.labels(mailbox=box.name).set(now.timestamp())
+        if confirmed:
+            log.info("mailbox %s: %d new message(s) published", box.name, confirmed)
+        return confirmed
+
+    def _resume_point(self, box: MailboxSettings, uidvalidity: int | None) -> int:
+        if uidvalidity is None:
+            return 0  # a Maildir: "new" is where the messages are, not a cursor
+        cursor = self._state.cursor(box.name, box.folder)
+        if cursor is None:
+            return 0
+        if cursor.uidvalidity != uidvalidity:
+            # Every UID the cursor knew is meaningless now; start over.  Persisting the reset
+            # at once keeps the next poll from resetting again if this one fails.
+            log.warning("mailbox %s folder %s: UIDVALIDITY changed from %s to %s; "
+                        "cursor reset, the folder is read again from the start",
+                        box.name, box.folder, cursor.uidvalidity, uidvalidity)
+            self._state.save_cursor(box.name, box.folder, uidvalidity, 0)
+            return 0
+        return cursor.last_uid
+
+    def _outputs(self, box: MailboxSettings, batch: Batch) -> list[Output]:
+        fetched_at = self._clock()
+        kind = "forward" if box.forward else "direct"
+        return [
+            Output("raw", {
+                "trace_id": uuid.uuid4().hex,
+                "source": {
+                    "mailbox": box.name,
+                    "mailbox_kind": kind,
+                    "folder": box.folder,
+                    "uidvalidity": batch.uidvalidity,
+                    "uid": message.uid,
+                    "received_at": message.received_at,
+                    "fetched_at": fetched_at,
+                },
+                "raw": message.raw,
+            })
+            for message in batch.messages
+        ]
+
+    def _record_failure(self, box: MailboxSettings, exc: Exception, confirmed: int) -> None:
+        error = _describe(exc)
+        log.error("mailbox %s folder %s: poll failed: %s", box.name, box.folder, error)
+        self._metrics.mailbox_polls.labels(mailbox=box.name, outcome="failure").inc()
+        try:
+            self._state.record_poll(box.name, box.folder, ok=False, error=error,
+                                    fetched=confirmed, at=self._clock())
+        except Exception as state_exc:  # the original failure matters more
+            log.error("mailbox %s: could not record the failed poll: %s", box.name,
+                      _describe(state_exc))
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll every mailbox on its interval until ``stop`` is set."""
+        boxes = list(self._settings.mailboxes)
+        if not boxes:
+            log.warning("no mailboxes configured; ingest has nothing to do")
+        due = {box.name: time.monotonic() for box in boxes}
+        while not stop.is_set():
+            for box in boxes:
+                if stop.is_set():
+                    return
+                if time.monotonic() < due[box.name]:
+                    continue
+                # A failure is logged and recorded by poll_once; the other mailboxes go on.
+                with contextlib.suppress(Exception):
+                    self.poll_once(box, stop)
+                due[box.name] = time.monotonic() + max(box.interval, 0.0)
+            pause = min(due.values(), default=time.monotonic() + 60.0) - time.monotonic()
+            stop.wait(max(pause, 0.0) if boxes else 60.0)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for logs and the state table: the type and message, CR/LF escaped."""
+    text = str(exc) if isinstance(exc, MailboxError) else f"{type(exc).__name__}: {exc}"
+    return text.replace("\r", "\\r").replace("\n", "\\n")[:500]
