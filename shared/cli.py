@@ -33,6 +33,10 @@ log = logging.getLogger("mailroute")
 STAGE_PORT_OFFSET = {"ingest": 0, "parse": 1, "route": 2, "persist": 3}
 
 
+class ConfigProblem(click.ClickException):
+    exit_code = 2
+
+
 @dataclass
 class Context:
     config: str | None
@@ -43,7 +47,7 @@ class Context:
             try:
                 self.settings = load_settings(self.config)
             except ConfigError as exc:
-                raise click.ClickException(f"configuration: {exc}") from exc
+                raise ConfigProblem(f"configuration: {exc}") from exc
             configure_logging(self.settings.log_level, self.settings.log_format)
         return self.settings
 
@@ -207,9 +211,9 @@ def _record_reporter(engine: Any, stop: threading.Event) -> Callable[[], None]:
                 log.debug("record count failed", exc_info=True)
                 continue
             if counts != last:
-                click.echo("records: " + ", ".join(f"{v} {k}" for k, v in counts.items()
-                                                   if k in ("emails", "deliveries",
-                                                            "queue_items", "attachments")))
+                click.echo("records: " + ", ".join(
+                    f"{counts.get(k, 0)} {k}"
+                    for k in ("emails", "deliveries", "queue_items", "attachments")))
                 last = counts
 
     return report
@@ -277,7 +281,7 @@ def status(obj: Context) -> None:
     click.echo(f"{'MAILBOX':<20} {'FOLDER':<10} {'STATUS':<9} {'LAST POLL':<26} "
                f"{'FAILURES':>8}  LAST ERROR")
     for box in settings.mailboxes:
-        folder = box.folder if box.kind == "imap" else "new"
+        folder = box.folder
         state = states.get((box.name, folder))
         if state is None:
             click.echo(f"{box.name:<20} {folder:<10} {'not-run':<9} {'-':<26} {0:>8}")

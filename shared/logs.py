@@ -41,6 +41,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # imaplib/imapclient debug output can show a LOGIN line: never below INFO.
-    for noisy in ("imapclient", "imaplib", "amqp", "kombu"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+    # Quiet chatty libraries; imaplib/imapclient debug output can even show a LOGIN line.
+    for noisy in ("imapclient", "imaplib", "amqp", "kombu", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

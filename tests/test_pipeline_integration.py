@@ -35,7 +35,7 @@ STAGES = ("ingest", "parse", "route", "persist")
 FORWARD_ADDRESS = "forward@corp.example.com"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dovecot() -> Iterator[DovecotServer]:
     server = DovecotServer(tls=False)
     for user in ("alice", "dave", "support", "forward"):

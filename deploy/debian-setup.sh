@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Installs and starts what mailroute's tests need on a Debian 12 machine (run as root).
+#
+#   - Dovecot (dovecot-imapd, dovecot-pop3d): installed only; the tests start their own
+#     instances on free ports, so a system Dovecot that the install started is stopped again.
+#   - RabbitMQ: installed and started when nothing listens on 127.0.0.1:5672; the plugins
+#     rabbitmq_management and rabbitmq_prometheus are always made sure of, and the management
+#     API on 127.0.0.1:15672 is waited for.
+#   - PostgreSQL: installed and started when nothing listens on 127.0.0.1:5432, with trust
+#     authentication for the user postgres from 127.0.0.1.
+#
+# Idempotent and quiet when everything is there; prints what it installs or starts.  Every wait
+# has a timeout (SETUP_TIMEOUT seconds, default 120) and fails naming the service.
+# `make services` runs it; so does `make test`.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+TIMEOUT="${SETUP_TIMEOUT:-120}"
+APT_UPDATED=0
+
+log() { echo "debian-setup: $*"; }
+die() { echo "debian-setup: ERROR: $*" >&2; exit 1; }
+
+usage() {
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+require_root() {
+    [ "$(id -u)" -eq 0 ] || die "$1 needs root; run this script as root (or do it by hand)"
+}
+
+is_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# Installs the packages among "$@" that are missing; apt-get update runs once, only if needed.
+apt_install() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        is_installed "$pkg" || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 1
+    require_root "installing ${missing[*]}"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        apt-get update -q -o DPkg::Lock::Timeout="$TIMEOUT" >/dev/null
+        APT_UPDATED=1
+    fi
+    log "installing ${missing[*]}"
+    apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout="$TIMEOUT" \
+        "${missing[@]}"
+    return 0
+}
+
+port_open() {  # host port
+    # shellcheck disable=SC2016  # $0 and $1 are expanded by the inner bash
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null
+}
+
+# Prints the status line of an HTTP GET (e.g. "HTTP/1.1 401 Unauthorized"), or nothing.
+http_status() {  # host port path
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    timeout 5 bash -c '
+        exec 3<>"/dev/tcp/$0/$1" || exit 1
+        printf "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" "$2" "$0" >&3
+        head -n 1 <&3 | tr -d "\r"' "$1" "$2" "$3" 2>/dev/null || true
+}
+
+# Polls "$@" (a command) once a second until it succeeds, or dies naming the service.
+wait_for() {  # service-description command...
+    local what="$1" deadline=$((SECONDS + TIMEOUT))
+    shift
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "$what did not come up within ${TIMEOUT}s"
+        sleep 1
+    done
+}
+
+http_answers() {  # host port path
+    [[ "$(http_status "$@")" == HTTP/* ]]
+}
+
+# --- Dovecot ---------------------------------------------------------------------------------
+
+# Stops a Dovecot started from the system configuration (by the package's postinst or an init
+# system) and never one of the tests' instances, which use their own -c configuration.
+stop_system_dovecot() {
+    if command -v systemctl >/dev/null; then
+        systemctl disable --now dovecot >/dev/null 2>&1 || true
+    fi
+    local pid args
+    for pid in $(pgrep -x dovecot 2>/dev/null || true); do
+        args="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+        if [[ " $args " == *" -c "* && " $args " != *" -c /etc/dovecot/dovecot.conf "* ]]; then
+            continue
+        fi
+        log "stopping the system Dovecot (pid $pid) that the package started"
+        kill "$pid" 2>/dev/null || true
+    done
+}
+
+setup_dovecot() {
+    if apt_install dovecot-imapd dovecot-pop3d; then
+        stop_system_dovecot
+    fi
+}
+
+# --- RabbitMQ --------------------------------------------------------------------------------
+
+RABBITMQ_PLUGINS=(rabbitmq_management rabbitmq_prometheus)
+
+# The local node answers the CLI (it may still be booting).
+rabbitmq_node_runs() {
+    timeout 20 rabbitmqctl --quiet ping >/dev/null 2>&1
+}
+
+# The node has finished booting and accepts AMQP connections.  await_startup fails at once
+# while the node has not yet registered with epmd, hence the polling around it.
+rabbitmq_started() {
+    timeout 40 rabbitmqctl --quiet await_startup --timeout 30 >/dev/null 2>&1 \
+        && port_open 127.0.0.1 5672
+}
+
+setup_rabbitmq() {
+    if ! port_open 127.0.0.1 5672; then
+        apt_install rabbitmq-server || true
+        if ! rabbitmq_node_runs; then
+            require_root "starting RabbitMQ"
+            log "starting RabbitMQ (rabbitmq-server -detached)"
+            rabbitmq-server -detached
+        fi
+        wait_for "RabbitMQ (AMQP on 127.0.0.1:5672; see /var/log/rabbitmq/)" rabbitmq_started
+    fi
+
+    # Both plugins answering over HTTP proves they are enabled, with no CLI round trip.
+    if http_answers 127.0.0.1 15672 /api/overview && http_answers 127.0.0.1 15692 /metrics; then
+        return 0
+    fi
+    if ! command -v rabbitmq-plugins >/dev/null || ! rabbitmq_node_runs; then
+        die "RabbitMQ on 127.0.0.1:5672 is not this machine's rabbitmq-server node, and its" \
+            "management API (:15672) or Prometheus endpoint (:15692) does not answer: enable" \
+            "${RABBITMQ_PLUGINS[*]} on it"
+    fi
+    if ! timeout 60 rabbitmq-plugins --quiet is_enabled "${RABBITMQ_PLUGINS[@]}" \
+        >/dev/null 2>&1; then
+        log "enabling the RabbitMQ plugins ${RABBITMQ_PLUGINS[*]}"
+        timeout "$TIMEOUT" rabbitmq-plugins --quiet enable "${RABBITMQ_PLUGINS[@]}" >/dev/null \
+            || die "RabbitMQ: could not enable ${RABBITMQ_PLUGINS[*]}"
+    fi
+    wait_for "RabbitMQ management API (http://127.0.0.1:15672)" \
+        http_answers 127.0.0.1 15672 /api/overview
+    wait_for "RabbitMQ Prometheus endpoint (http://127.0.0.1:15692/metrics)" \
+        http_answers 127.0.0.1 15692 /metrics
+}
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+pg_version() {
+    find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null \
+        | sort -V | tail -n 1
+}
+
+# Lets the user postgres in from 127.0.0.1 without a password (first matching line wins).
+pg_trust_local() {  # version
+    local hba="/etc/postgresql/$1/main/pg_hba.conf"
+    local line="host    all    postgres    127.0.0.1/32    trust"
+    [ -f "$hba" ] || die "PostgreSQL $1: no $hba (is the cluster 'main' missing?)"
+    if ! grep -Eq '^host[[:space:]]+all[[:space:]]+(all|postgres)[[:space:]]+127\.0\.0\.1/32[[:space:]]+trust' \
+        "$hba"; then
+        log "PostgreSQL $1: trust authentication for postgres from 127.0.0.1 ($hba)"
+        { echo "# added by mailroute's deploy/debian-setup.sh for the test suite"
+          echo "$line"
+          cat "$hba"; } >"$hba.new"
+        chown --reference="$hba" "$hba.new"
+        chmod --reference="$hba" "$hba.new"
+        mv "$hba.new" "$hba"
+        return 0
+    fi
+    return 1
+}
+
+pg_online() {  # version
+    pg_lsclusters -h "$1" main 2>/dev/null | awk '{print $4}' | grep -qx online
+}
+
+pg_answers() {
+    if command -v pg_isready >/dev/null; then
+        pg_isready -q -h 127.0.0.1 -p 5432 -t 2
+    else
+        port_open 127.0.0.1 5432
+    fi
+}
+
+setup_postgresql() {
+    port_open 127.0.0.1 5432 && return 0
+    apt_install postgresql || true
+    local version hba_changed=0
+    version="$(pg_version)"
+    [ -n "$version" ] || die "PostgreSQL: installed, but no cluster under /etc/postgresql"
+    require_root "configuring PostgreSQL"
+    pg_trust_local "$version" && hba_changed=1
+    if pg_online "$version"; then
+        if [ "$hba_changed" -eq 1 ]; then
+            pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+        fi
+    else
+        log "starting PostgreSQL $version (cluster main)"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start \
+            || die "PostgreSQL $version did not start (see /var/log/postgresql/)"
+    fi
+    wait_for "PostgreSQL (127.0.0.1:5432)" pg_answers
+    PGCONNECT_TIMEOUT=5 psql -w -h 127.0.0.1 -U postgres -d postgres -Atqc 'select 1' >/dev/null \
+        || die "PostgreSQL runs on 127.0.0.1:5432 but the user postgres cannot log in without a password"
+}
+
+main() {
+    case "${1:-}" in
+        "") ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+    setup_dovecot
+    setup_rabbitmq
+    setup_postgresql
+}
+
+# Sourcing the script (to try one function) defines the functions and runs nothing.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi
