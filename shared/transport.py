@@ -131,7 +131,8 @@ class Publisher:
                 self._connection.drain_events(timeout=0)
             self._connection.heartbeat_check()
         except _connection_errors(self._connection) as exc:
-            log.warning("publisher connection lost while idle: %s", exc)
+            log.info("publisher connection lost while idle (%s); reconnecting when needed",
+                     exc)
             self.close()
 
     # -- confirm bookkeeping ---------------------------------------------------------------
@@ -170,6 +171,9 @@ class Publisher:
     def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
             return
+        # An idle connection may have been closed by the broker (missed heartbeats): find
+        # out now, before publishing into it, and reconnect instead of failing the batch.
+        self.keepalive()
         try:
             self._ensure()
             assert self._producer is not None

@@ -10,9 +10,10 @@ creates nothing new; SIGKILL of any stage while mail flows loses and doubles not
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,10 @@ def deliveries_by_message(engine: Engine) -> dict[str, list[tuple[str, str, str]
     for message_id, principal, method, mailbox in rows:
         result.setdefault(message_id, []).append((principal, method, mailbox))
     return {k: sorted(v) for k, v in result.items()}
+
+
+def at_least(count: Callable[[], int], threshold: int) -> bool:
+    return count() >= threshold
 
 
 def deliver_scenario(dovecot: DovecotServer) -> dict[str, Any]:
@@ -221,7 +226,7 @@ def test_sigkill_of_each_stage_while_mail_flows_loses_and_doubles_nothing(
         workers.start("ingest")
         for stage, threshold in (("parse", 60), ("persist", 120), ("route", 180),
                                  ("persist", 240)):
-            wait_for(lambda t=threshold: persisted() >= t, f"{threshold} emails",
+            wait_for(functools.partial(at_least, persisted, threshold), f"{threshold} emails",
                      on_timeout=workers.logs)
             assert workers.kill(stage) == -signal.SIGKILL
             workers.start(stage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -32,6 +33,7 @@ class ScriptedStage:
         self.handled = 0
         self.expected = expected
         self.stop = runner_stop
+        self.slow_seconds = 0.0
 
     def handle(self, document: dict[str, Any]) -> list[Output]:
         body = document["raw"]
@@ -43,6 +45,8 @@ class ScriptedStage:
                 raise ValueError("a bug")
             if body.startswith(b"flaky") and self.calls[body] < 3:
                 raise TransientError("not yet")
+            if body.startswith(b"slow"):
+                time.sleep(self.slow_seconds)  # the fault under test: a long handler
             return [Output("parsed", documents.parsed(document["trace_id"],
                                                       message_id=body.decode()))]
         finally:
@@ -59,7 +63,8 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
         yield Broker(BrokerSettings(url=vhost.url, prefix="mail", confirm_timeout=10))
 
 
-def run_until(broker: Broker, bodies: list[bytes], done: Any) -> tuple[ScriptedStage, Metrics]:
+def run_until(broker: Broker, bodies: list[bytes], done: Any,
+              slow_seconds: float = 0.0) -> tuple[ScriptedStage, Metrics]:
     settings = replace(Settings(), broker=broker.settings,
                        retry=RetrySettings(attempts=3, initial_delay=0.01, max_delay=0.05))
     broker.declare()
@@ -68,6 +73,7 @@ def run_until(broker: Broker, bodies: list[bytes], done: Any) -> tuple[ScriptedS
     publisher.close()
     stop = threading.Event()
     stage = ScriptedStage(stop, len(bodies))
+    stage.slow_seconds = slow_seconds
     metrics = Metrics()
     runner = StageRunner(stage, settings, broker, metrics, stop)
     thread = threading.Thread(target=runner.run)
@@ -159,3 +165,28 @@ def test_declare_sets_quorum_queues_dead_letter_targets_and_delivery_limit_polic
     [policy] = rabbit_vhost.policies()
     assert policy["definition"] == {"delivery-limit": 4}
     assert policy["pattern"] == r"^mail\.(parse|route|persist)$"
+
+
+def test_handler_slower_than_three_heartbeats_keeps_the_connection_and_runs_once(
+        rabbit_vhost: Vhost) -> None:
+    broker = Broker(BrokerSettings(url=rabbit_vhost.url, heartbeat=1, confirm_timeout=10))
+    stage, metrics = run_until(broker, [b"slow-1@x", b"ok-after@x"], lambda s, m: counter(
+        m, "mailroute_stage_messages_out_total", stage="parse") >= 2, slow_seconds=4.0)
+    assert stage.calls == {b"slow-1@x": 1, b"ok-after@x": 1}
+    routed = drain_queue(rabbit_vhost.url, broker.topology.input_queue("route"))
+    assert sorted(json.loads(b)["email"]["message_id"] for b, _ in routed) == [
+        "ok-after@x", "slow-1@x"]
+
+
+def test_publisher_reconnects_after_the_broker_dropped_it_for_idleness(
+        rabbit_vhost: Vhost) -> None:
+    broker = Broker(BrokerSettings(url=rabbit_vhost.url, heartbeat=1, confirm_timeout=10))
+    broker.declare()
+    publisher = broker.publisher()
+    publisher.publish([Output("raw", documents.raw(b"first"))])
+    time.sleep(4)  # the fault under test: idle for several heartbeat intervals
+    publisher.publish([Output("raw", documents.raw(b"second"))])
+    publisher.close()
+    bodies = [Codec().decode("raw", b)["raw"] for b, _ in drain_queue(
+        rabbit_vhost.url, broker.topology.input_queue("parse"))]
+    assert bodies == [b"first", b"second"]
