@@ -260,6 +260,11 @@ def _validate(settings: Settings) -> None:
                 raise ConfigError(f"{where}.username: an IMAP mailbox needs a username")
         if box.kind == "maildir" and not box.path:
             raise ConfigError(f"{where}.path: a Maildir mailbox needs a path")
+        if box.kind == "maildir" and box.after == "move":
+            raise ConfigError(f"{where}.after: move is for IMAP folders; a Maildir takes "
+                              "keep, seen or delete")
+        if box.interval <= 0 or box.batch_size <= 0:
+            raise ConfigError(f"{where}: interval and batch_size must be positive")
         if box.after == "move" and not box.move_to:
             raise ConfigError(f"{where}.move_to: after=move needs a folder to move to")
     by_name = {b.name: b for b in settings.mailboxes}

@@ -1,0 +1,90 @@
+"""The metrics endpoint a worker serves, and the edge documents' encode/decode contract."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from shared.errors import PermanentError
+from shared.metrics import Metrics, MetricsServer
+from shared.schemas import Codec
+from tests import documents
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Metrics, MetricsServer, list[bool]]]:
+    metrics = Metrics()
+    readiness = [False]
+    server = MetricsServer(metrics, "127.0.0.1", 0, lambda: readiness).start()
+    yield metrics, server, readiness
+    server.stop()
+
+
+def get(server: MetricsServer, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_metrics_endpoint_serves_the_stage_counters(
+        served: tuple[Metrics, MetricsServer, list[bool]]) -> None:
+    metrics, server, _ = served
+    metrics.messages_in.labels(stage="parse").inc(3)
+    metrics.messages_dead.labels(stage="route", reason="untrusted-forwarder").inc()
+    metrics.processing_seconds.labels(stage="parse").observe(0.02)
+    status, body = get(server, "/metrics")
+    assert status == 200
+    assert 'mailroute_stage_messages_in_total{stage="parse"} 3.0' in body
+    assert ('mailroute_stage_messages_dead_lettered_total{reason="untrusted-forwarder",'
+            'stage="route"} 1.0') in body
+    assert 'mailroute_stage_processing_seconds_count{stage="parse"} 1.0' in body
+
+
+def test_health_is_liveness_and_readiness_follows_the_stages(
+        served: tuple[Metrics, MetricsServer, list[bool]]) -> None:
+    _, server, readiness = served
+    assert get(server, "/healthz") == (200, "ok\n")
+    assert get(server, "/readyz") == (503, "not ready\n")
+    readiness[0] = True
+    assert get(server, "/readyz") == (200, "ready\n")
+    assert get(server, "/other")[0] == 404
+
+
+def test_documents_round_trip_with_bytes_and_datetimes() -> None:
+    codec = Codec()
+    raw = documents.raw(b"\x00\xffbinary")
+    decoded = codec.decode("raw", codec.encode("raw", raw))
+    assert decoded["raw"] == b"\x00\xffbinary"
+    assert decoded["source"]["received_at"] == raw["source"]["received_at"]
+    assert decoded["schema_version"] == 1
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: d.update(schema_version=2), "schema_version"),
+    (lambda d: d.pop("trace_id"), "trace_id"),
+    (lambda d: d.update(raw="not base64!"), "raw"),
+    (lambda d: d["source"].update(mailbox_kind="sideways"), "mailbox_kind"),
+    (lambda d: d.update(extra="field"), "extra"),
+])
+def test_a_document_that_does_not_match_its_schema_is_a_permanent_error(
+        mutate: object, fragment: str) -> None:
+    codec = Codec()
+    document = json.loads(codec.encode("raw", documents.raw()))
+    mutate(document)  # type: ignore[operator]
+    with pytest.raises(PermanentError) as error:
+        codec.decode("raw", json.dumps(document).encode())
+    assert error.value.reason == "bad-document"
+    assert fragment in error.value.detail
+
+
+def test_routed_document_needs_a_delivery() -> None:
+    codec = Codec()
+    routed = {**documents.parsed(), "deliveries": []}
+    with pytest.raises(PermanentError, match="deliveries"):
+        codec.encode("routed", routed)
