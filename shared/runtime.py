@@ -40,7 +40,7 @@ from shared.metrics import Metrics
 from shared.schemas import Codec
 from shared.settings import RetrySettings, Settings
 from shared.stage import BatchStage, Output, Stage
-from shared.transport import Broker, Envelope, Publisher
+from shared.transport import Broker, Envelope, Publisher, discard
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class StageRunner:
         connection = self.broker.connect()
         publisher = self.broker.publisher(self.codec)
         pending: list[Message] = []
+        graceful = False
         try:
             channel = connection.channel()
             consumer = Consumer(channel, queues=[Queue(self.queue_name, no_declare=True)],
@@ -130,13 +131,11 @@ class StageRunner:
                 batch = pending[:]
                 pending.clear()
                 self._process(batch, connection, publisher)
+            graceful = True
         finally:
             self._ready.set(0)
-            publisher.close()
-            try:
-                connection.release()
-            except Exception:
-                log.debug("error closing consumer connection", exc_info=True)
+            publisher.close(graceful)
+            discard(connection, graceful)
 
     def _poll(self, connection: Connection, timeout: float) -> None:
         # kombu's virtual (memory) transport treats timeout=0 as "wait forever"

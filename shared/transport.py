@@ -42,6 +42,17 @@ def _connection_errors(connection: Connection) -> tuple[type[BaseException], ...
     return (*CONNECTION_ERRORS, *connection.connection_errors, *connection.channel_errors)
 
 
+def discard(connection: Connection, graceful: bool) -> None:
+    """Close a connection; a broken one without the close handshake, which could hang."""
+    try:
+        if graceful:
+            connection.release()
+        else:
+            connection.collect()
+    except Exception:  # closing a broken connection may fail in any way
+        log.debug("error while closing a broker connection", exc_info=True)
+
+
 @dataclass
 class Envelope:
     """A message ready to publish: body bytes, where to, and headers."""
@@ -112,15 +123,12 @@ class Publisher:
         self._acked_upto = 0
         self._failed.clear()
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         connection, self._connection = self._connection, None
         self._producer = None
         self._channel = None
         if connection is not None:
-            try:
-                connection.release()
-            except Exception:
-                log.debug("error while closing publisher connection", exc_info=True)
+            discard(connection, graceful)
 
     def keepalive(self) -> None:
         """Read pending frames and send a heartbeat if one is due (call while busy)."""
@@ -133,7 +141,7 @@ class Publisher:
         except _connection_errors(self._connection) as exc:
             log.info("publisher connection lost while idle (%s); reconnecting when needed",
                      exc)
-            self.close()
+            self.close(graceful=False)
 
     # -- confirm bookkeeping ---------------------------------------------------------------
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -187,15 +195,16 @@ class Publisher:
                     routing_key=envelope.routing_key,
                     headers={**envelope.headers, "x-mailroute-publish-tag": tag},
                     content_type="application/json", content_encoding="utf-8",
-                    delivery_mode=2, mandatory=True, retry=False, declare=[])
+                    delivery_mode=2, mandatory=True, retry=False, declare=[],
+                    timeout=self._broker.settings.confirm_timeout)
             if not self._broker.is_memory:
                 self._wait_for_confirms(tags)
         except TransientError:
-            self.close()
+            self.close(graceful=False)
             raise
         except Exception as exc:
             connection = self._connection
-            self.close()
+            self.close(graceful=False)
             if connection is None or isinstance(exc, _connection_errors(connection)):
                 raise TransientError(f"publish failed: {exc}") from exc
             raise
