@@ -72,7 +72,6 @@ class LimitSettings:
     max_header_bytes: int = 1024 * 1024
     max_parts: int = 2000
     max_depth: int = 20
-    forward_depth: int = 3
 
 
 @dataclass(frozen=True)
