@@ -214,7 +214,7 @@ class StageRunner:
             "x-mailroute-failed-at": datetime.now(UTC).isoformat(),
         })
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        return Envelope(body, self.broker.topology.dead_exchange_name,
+        return Envelope(body, self.broker.topology.exchange_name,
                         self.broker.topology.dead_queue(stage), headers)
 
     # -- handler thread ------------------------------------------------------------------

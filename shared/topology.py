@@ -3,7 +3,8 @@
 Takes the broker settings' ``prefix`` (``mail`` by default; tests use their own) and gives the
 names: one direct exchange ``<prefix>``; one durable quorum queue per stage input
 (``<prefix>.parse``, ``<prefix>.route``, ``<prefix>.persist``), bound by its own name; and for
-each a dead-letter queue ``<prefix>.<stage>.dead`` on the exchange ``<prefix>.dead``.
+each a dead-letter queue ``<prefix>.<stage>.dead``, bound the same way to the same exchange,
+which the broker dead-letters into and the workers publish dead letters to.
 
 The delivery limit is set by a RabbitMQ policy (queue arguments cannot change once a queue
 exists, a policy can), through the management API.  Where that API cannot be reached the
@@ -38,10 +39,6 @@ class Topology:
     def exchange_name(self) -> str:
         return self.prefix
 
-    @property
-    def dead_exchange_name(self) -> str:
-        return f"{self.prefix}.dead"
-
     def input_queue(self, stage: str) -> str:
         return f"{self.prefix}.{stage}"
 
@@ -54,9 +51,6 @@ class Topology:
     def exchange(self) -> Exchange:
         return Exchange(self.exchange_name, type="direct", durable=True)
 
-    def dead_exchange(self) -> Exchange:
-        return Exchange(self.dead_exchange_name, type="direct", durable=True)
-
     def queues(self) -> list[Queue]:
         queues = []
         for stage in STAGES:
@@ -65,21 +59,20 @@ class Topology:
                 name, self.exchange(), routing_key=name, durable=True,
                 queue_arguments={
                     "x-queue-type": "quorum",
-                    "x-dead-letter-exchange": self.dead_exchange_name,
+                    "x-dead-letter-exchange": self.exchange_name,
                     "x-dead-letter-routing-key": self.dead_queue(stage),
                     "x-dead-letter-strategy": "at-least-once",
                     "x-overflow": "reject-publish",
                 }))
             dead = self.dead_queue(stage)
-            queues.append(Queue(dead, self.dead_exchange(), routing_key=dead, durable=True,
+            queues.append(Queue(dead, self.exchange(), routing_key=dead, durable=True,
                                 queue_arguments={"x-queue-type": "quorum"}))
         return queues
 
     def declare(self, connection: Connection) -> None:
-        """Declare the exchanges and every queue with its binding (idempotent)."""
+        """Declare the exchange and every queue with its binding (idempotent)."""
         with connection.channel() as channel:
             self.exchange()(channel).declare()
-            self.dead_exchange()(channel).declare()
             for queue in self.queues():
                 queue(channel).declare()
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from kombu import Connection, Queue
 
 from shared.errors import PermanentError, TransientError
 from shared.metrics import Metrics
@@ -161,7 +162,9 @@ def test_declare_sets_quorum_queues_dead_letter_targets_and_delivery_limit_polic
     broker.declare()
     info = rabbit_vhost.queue_info("mail.parse")
     assert info["arguments"]["x-queue-type"] == "quorum"
+    assert info["arguments"]["x-dead-letter-exchange"] == "mail"
     assert info["arguments"]["x-dead-letter-routing-key"] == "mail.parse.dead"
+    assert rabbit_vhost.queue_info("mail.parse.dead")["arguments"]["x-queue-type"] == "quorum"
     assert info["arguments"]["x-dead-letter-strategy"] == "at-least-once"
     [policy] = rabbit_vhost.policies()
     assert policy["definition"] == {"delivery-limit": 4}
@@ -214,3 +217,24 @@ def test_a_confirm_that_never_comes_times_out_and_the_next_publish_reconnects(
     # confirmed ones certainly did, and nothing hung.
     assert bodies[0] == b"before" and bodies[-1] == b"after"
     assert set(bodies) <= {b"before", b"lost-confirm", b"after"}
+
+
+def test_the_broker_dead_letters_a_message_past_the_delivery_limit_policy(
+        rabbit_vhost: Vhost) -> None:
+    """A message that keeps coming back (a crash loop) ends in .dead, by policy alone."""
+    broker = Broker(BrokerSettings(url=rabbit_vhost.url, delivery_limit=2))
+    broker.declare()
+    publisher = broker.publisher()
+    publisher.publish([Output("raw", documents.raw(b"crash-loop"))])
+    publisher.close()
+    returned = 0
+    with Connection(rabbit_vhost.url) as connection:
+        queue = Queue(broker.topology.input_queue("parse"), no_declare=True)(
+            connection.channel())
+        while (message := queue.get(no_ack=False)) is not None:
+            message.reject(requeue=True)  # what a worker dying mid-message amounts to
+            returned += 1
+    assert returned == 3  # the first delivery and two redeliveries, then the limit
+    [(body, headers)] = drain_queue(rabbit_vhost.url, broker.topology.dead_queue("parse"))
+    assert Codec().decode("raw", body)["raw"] == b"crash-loop"
+    assert headers["x-first-death-reason"] == "delivery_limit"
