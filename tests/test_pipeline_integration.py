@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,6 +182,15 @@ def test_pipeline_end_to_end_with_restart_and_repoll(tmp_path: Path, dovecot: Do
         assert all(b"\\Seen" in flags for flags in dovecot.flags("alice").values())
 
         workers.stop_all()
+        status = subprocess.run([sys.executable, "-m", "shared.cli", "--config", str(config),
+                                 "status"], capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        table = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()
+                 if line.strip()}
+        assert [table[box][1] for box in ("alice", "dave", "support", "forward")] == [
+            "success"] * 4
+        assert table["mail.route.dead"] == ["1", "0"]  # messages, consumers
+        assert table["mail.persist"] == ["0", "0"]
         dead = drain_queue(rabbit_vhost.url, "mail.route.dead")
         assert [h["x-mailroute-reason"] for _, h in dead] == ["untrusted-forwarder"]
         assert json.loads(dead[0][0])["envelope"]["forwarder"]["address"] == (
