@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import subprocess
 import sys
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
