@@ -104,10 +104,29 @@ def _direct_envelope() -> dict[str, Any]:
             "outer_subject": None, "index": 0, "count": 1, "defects": []}
 
 
+class _StructureUnfoldingCompat32(policy.Compat32):
+    """compat32, except that the headers the parser splits parts by are unfolded.
+
+    compat32 keeps a folded ``boundary="simple\r\n boundary"`` as it is, so the parser looks
+    for the wrong delimiter and loses every part (RFC 5322 unfolding removes the line break).
+    """
+
+    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
+        name, value = super().header_source_parse(sourcelines)
+        if name.lower() in _STRUCTURE_HEADERS:
+            value = _FOLDING.sub("", value)
+        return name, value
+
+
+_STRUCTURE_HEADERS = frozenset(("content-type", "content-transfer-encoding"))
+_FOLDING = re.compile(r"\r?\n(?=[ \t])")
+_PARSE_POLICY = _StructureUnfoldingCompat32()
+
+
 def _parse_bytes(raw: bytes) -> Message:
     # compat32 keeps header values as raw strings: the structure costs little, and only the
     # headers used are decoded (PERFORMANCE.md: policy.default spends 87% on headers).
-    return BytesParser(policy=policy.compat32).parsebytes(raw)
+    return BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
 
 
 def _used_headers(message: Message, limits: LimitSettings) -> tuple[dict[str, list[str]], int]:

@@ -181,8 +181,8 @@ class StageRunner:
             else:
                 envelopes.append(self._dead_letter(message, result))
         publisher.publish_envelopes(envelopes)
+        self._ack(batch)
         for message, result in zip(batch, results, strict=True):
-            message.ack()
             if isinstance(result, Handled):
                 self.metrics.messages_out.labels(stage=self.stage.name).inc(len(result.outputs))
             else:
@@ -191,6 +191,15 @@ class StageRunner:
                 log.warning("%s: dead-lettered %s: %s: %s", self.stage.name,
                             _header(message, "x-mailroute-trace") or "?", result.reason,
                             _escape(result.detail))
+
+    def _ack(self, batch: list[Message]) -> None:
+        """Ack the whole batch; on AMQP with one frame (every earlier delivery is acked)."""
+        if self.broker.is_memory:
+            for message in batch:
+                message.ack()
+            return
+        last = max(message.delivery_tag for message in batch)
+        batch[0].channel.basic_ack(last, multiple=True)
 
     def _wait_keeping_alive(self, future: Future[list[Result]], connection: Connection,
                             publisher: Publisher) -> list[Result]:

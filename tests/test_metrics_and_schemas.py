@@ -87,4 +87,4 @@ def test_routed_document_needs_a_delivery() -> None:
     codec = Codec()
     routed = {**documents.parsed(), "deliveries": []}
     with pytest.raises(PermanentError, match="deliveries"):
-        codec.encode("routed", routed)
+        codec.decode("routed", codec.encode("routed", routed))

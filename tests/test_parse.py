@@ -386,3 +386,24 @@ def test_mutated_messages_end_in_success_or_a_named_failure(
         for envelope, mail in result.items():
             codec.encode("parsed", {"trace_id": "t", "source": source(kind),
                                     "envelope": envelope, "email": mail})
+
+
+@pytest.mark.parametrize("name", [
+    "james-mime4j/mimetools-testmsgs/multi-simple.msg",
+    "james-mime4j/mimetools-testmsgs/multi-clen.msg",
+])
+def test_a_folded_quoted_boundary_still_splits_the_parts(name: str) -> None:
+    # Content-type: multipart/mixed; boundary="simple<CRLF> boundary": unfolded, the
+    # boundary is "simple boundary"; kept folded, every part would be lost in the preamble.
+    [email] = parse_raw(corpus(name), "direct", LimitSettings()).emails
+    assert email["text"] is not None
+    assert email["text"].startswith("This is implicitly typed plain ASCII text.")
+    assert "This is the preamble" not in email["text"]
+
+
+def test_the_folded_boundary_message_agrees_with_the_standard_library() -> None:
+    raw = corpus("stalwart-mail-parser/thirdparty/012.eml")
+    reference = email.parser.BytesParser(policy=policy.default).parsebytes(raw)
+    expected = sorted(part.get_filename() or "" for part in reference.iter_attachments())
+    [parsed] = parse_raw(raw, "direct", LimitSettings()).emails
+    assert len(parsed["attachments"]) == len(expected) > 0
