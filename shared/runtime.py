@@ -84,11 +84,18 @@ class StageRunner:
         self._rng = random.random
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"{stage.name}-handler")
-        self._ready = metrics.ready.labels(stage=stage.name)
+        self._ready_gauge = metrics.ready.labels(stage=stage.name)
+        self._ready = False
+        self._consumed_since_connect = False
 
     @property
     def is_ready(self) -> bool:
-        return bool(self._ready._value.get())
+        """Connected and consuming (what /readyz reports)."""
+        return self._ready
+
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        self._ready_gauge.set(1 if ready else 0)
 
     # -- connection loop -----------------------------------------------------------------
     def run(self) -> None:
@@ -101,7 +108,8 @@ class StageRunner:
                 except (Stopping, KeyboardInterrupt):
                     break
                 except Exception as exc:
-                    attempt += 1
+                    # A connection that worked for a while starts the backoff afresh.
+                    attempt = 1 if self._consumed_since_connect else attempt + 1
                     delay = backoff_delay(self.settings.retry, attempt, self._rng)
                     log.warning("%s: broker connection failed (%s); reconnecting in %.1fs",
                                 self.stage.name, exc, delay)
@@ -120,7 +128,8 @@ class StageRunner:
                                 on_message=pending.append, no_ack=False,
                                 prefetch_count=self.settings.broker.prefetch)
             consumer.consume()
-            self._ready.set(1)
+            self._set_ready(True)
+            self._consumed_since_connect = False
             log.info("%s: consuming %s", self.stage.name, self.queue_name)
             while not self.stop.is_set():
                 if not pending:
@@ -131,9 +140,10 @@ class StageRunner:
                 batch = pending[:]
                 pending.clear()
                 self._process(batch, connection, publisher)
+                self._consumed_since_connect = True
             graceful = True
         finally:
-            self._ready.set(0)
+            self._set_ready(False)
             publisher.close(graceful)
             discard(connection, graceful)
 
