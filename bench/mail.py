@@ -9,7 +9,6 @@ a message as ``message/rfc822``, built the way ``tests/mailgen.py`` builds it). 
 
 from __future__ import annotations
 
-import email
 import random
 import secrets
 import textwrap
@@ -18,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
+
+from tests import mailgen
 
 WORDS = (
     "the", "order", "invoice", "please", "find", "attached", "regarding", "our", "meeting",
@@ -101,18 +102,5 @@ def html_mail(rng: random.Random, message_id: str, size: int = 20_000) -> bytes:
 
 def forward_envelope(rng: random.Random, original: bytes, forwarder: str,
                      forward_mailbox: str = "forward@corp.example.com") -> bytes:
-    """What an Exchange rule "forward as attachment" sends: a note plus message/rfc822."""
-    envelope = EmailMessage()
-    envelope["From"] = forwarder
-    envelope["To"] = forward_mailbox
-    envelope["Subject"] = "FW: forwarded message"
-    envelope["Date"] = format_datetime(datetime(2026, 11, 2, 9, 31, tzinfo=UTC))
-    envelope["Message-ID"] = f"<{secrets.token_hex(8)}.{rng.randint(0, 10**6)}@corp.example.com>"
-    envelope.set_content("Forwarded by a server-side rule.")
-    envelope.make_mixed()
-    part = EmailMessage()
-    part["Content-Type"] = "message/rfc822"
-    part["Content-Disposition"] = 'attachment; filename="original.eml"'
-    part.set_payload([email.message_from_bytes(original)])
-    envelope.attach(part)
-    return envelope.as_bytes(policy=SMTP)
+    """What an Exchange rule "forward as attachment" sends (the tests' own builder)."""
+    return mailgen.forward_envelope(forwarder, forward_mailbox, original)
