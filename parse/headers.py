@@ -9,14 +9,16 @@ short defect string is appended to the ``defects`` list the caller passes in.
 
 from __future__ import annotations
 
+import binascii
 import re
 from datetime import UTC, datetime
-from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])|\r(?=[ \t])")
 _UNSAFE_TEXT = re.compile("[\x00\ud800-\udfff]")
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
+_ENCODED_WORD = re.compile(r"=\?([^?]*?)\?([qQbB])\?(.*?)\?=")
+_ITEM_SEPARATOR = re.compile("[,;]")
 _DOMAIN = re.compile(r"[^\s@\[\]()<>\",;:\\]+")
 # Comment nesting deeper than this is hostile (500 nested comments make getaddresses recurse
 # until RecursionError) and never seen in real mail.
@@ -35,12 +37,25 @@ def raw_text(value: str) -> str:
     """A raw header value with 8-bit bytes (surrogate escapes) decoded as UTF-8 or cp1252."""
     if not _UNSAFE_TEXT.search(value):
         return value
-    data = value.encode("utf-8", "surrogateescape")
+    return scrub(utf8_or_cp1252(value.encode("utf-8", "surrogateescape")))
+
+
+def utf8_or_cp1252(data: bytes) -> str:
+    """8-bit text of unknown charset: UTF-8 when it mostly is, else cp1252.
+
+    UTF-8 with a few broken sequences (a value cut inside a character) is still UTF-8;
+    cp1252 text almost never holds valid multi-byte UTF-8 sequences.
+    """
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("cp1252", "replace")
-    return scrub(text)
+        pass
+    text = data.decode("utf-8", "replace")
+    broken = text.count("\ufffd")
+    decoded = len(text) - len(text.encode("ascii", "ignore")) - broken
+    if decoded > broken:
+        return text
+    return data.decode("cp1252", "replace")
 
 
 def scrub(text: str) -> str:
@@ -52,6 +67,8 @@ def scrub(text: str) -> str:
 
 def decode_bytes(data: bytes, charset: str | None, defects: list[str]) -> str:
     """Bytes to text in ``charset``; unknown charsets and bad bytes become U+FFFD + a defect."""
+    if charset and "*" in charset:
+        charset = charset.split("*", 1)[0]  # RFC 2231 section 5: charset*language
     if charset in ("us-ascii", "ascii"):
         charset = "utf-8"  # 8-bit text labelled ASCII is nearly always UTF-8; ASCII is a subset
     if charset:
@@ -63,10 +80,7 @@ def decode_bytes(data: bytes, charset: str | None, defects: list[str]) -> str:
         if "\ufffd" in text and b"\xef\xbf\xbd" not in data:
             add_defect(defects, f"charset-decode-error:{charset[:40]}")
         return scrub(text)
-    try:
-        return scrub(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        return scrub(data.decode("cp1252", "replace"))
+    return scrub(utf8_or_cp1252(data))
 
 
 def decode_words(value: str, defects: list[str]) -> str:
@@ -78,34 +92,62 @@ def decode_words(value: str, defects: list[str]) -> str:
         # decode_header + make_header take seconds on a megabyte of encoded words.
         add_defect(defects, "encoded-text-truncated")
         text = text[:_MAX_ENCODED_TEXT]
-    try:
-        return scrub(str(make_header(decode_header(text))))
-    except Exception:  # any failure falls back to the lenient decoder below
-        pass
-    try:
-        chunks = decode_header(text)
-    except Exception:
-        add_defect(defects, "bad-encoded-word")
-        return text
-    add_defect(defects, "bad-encoded-word")
-    out = []
-    for chunk, charset in chunks:
-        if isinstance(chunk, str):
-            out.append(chunk)
-        elif charset is None:
-            out.append(chunk.decode("raw-unicode-escape", "replace"))
+    # Blanks between adjacent encoded words are dropped (RFC 2047 section 6.2); plain text
+    # around them is kept as written.  (make_header instead adds a blank next to an encoded
+    # us-ascii word and wherever plain text touches an encoded word.)
+    pieces: list[tuple[str | bytes, str | None]] = []
+    position = 0
+    for match in _ENCODED_WORD.finditer(text):
+        plain = text[position:match.start()]
+        position = match.end()
+        if plain and not (plain.isspace() and pieces and pieces[-1][1] is not None):
+            pieces.append((plain, None))
+        charset = match.group(1).split("*", 1)[0].lower()  # RFC 2231 section 5: *language
+        data = _decode_word(match.group(2), match.group(3))
+        if data is None:
+            add_defect(defects, "bad-encoded-word")
+            pieces.append((match.group(0), None))
+            continue
+        last = pieces[-1] if pieces else None
+        if last is not None and last[1] == charset and isinstance(last[0], bytes):
+            pieces[-1] = (last[0] + data, charset)  # a character split across two words
         else:
-            out.append(decode_bytes(chunk, charset, defects))
+            pieces.append((data, charset))
+    pieces.append((text[position:], None))
+    out = [piece if isinstance(piece, str) else decode_bytes(piece, charset or None, defects)
+           for piece, charset in pieces]
     return scrub("".join(out))
 
 
+def _decode_word(encoding: str, encoded: str) -> bytes | None:
+    """The bytes of one encoded word's text, or None when its base64 is broken."""
+    data = encoded.encode("utf-8", "surrogateescape")
+    if encoding in "qQ":
+        return binascii.a2b_qp(data, header=True)
+    try:
+        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    except binascii.Error:
+        return None
+
+
 def _scan_address_value(value: str) -> int | None:
-    """The number of ``@`` outside quotes and comments, or None when the value is unbalanced."""
+    """The number of ``@`` outside quotes and comments, or None when the value is ambiguous.
+
+    Ambiguous: unbalanced, or a comma-separated item with an ``@`` in front of its ``<...>``
+    or with two of them (``ceo@example.com <eve@evil.test>``: is the sender ceo or eve?).
+    """
     if '"' not in value and "(" not in value and "\\" not in value and ")" not in value:
         if value.count("<") != value.count(">"):
             return None
+        if "<" in value:
+            for item in _ITEM_SEPARATOR.split(value):
+                angle = item.find("<")
+                if angle >= 0 and ("@" in item[:angle] or item.count("<") > 1):
+                    return None
         return value.count("@")
     at_signs = 0
+    item_at_signs = 0  # outside <...>, in the current comma-separated item
+    item_angles = 0
     in_quote = False
     comment_depth = 0
     angle_depth = 0
@@ -133,7 +175,8 @@ def _scan_address_value(value: str) -> int | None:
             return None
         elif char == "<":
             angle_depth += 1
-            if angle_depth > 1:
+            item_angles += 1
+            if angle_depth > 1 or item_at_signs or item_angles > 1:
                 return None
         elif char == ">":
             angle_depth -= 1
@@ -141,6 +184,10 @@ def _scan_address_value(value: str) -> int | None:
                 return None
         elif char == "@":
             at_signs += 1
+            if not angle_depth:
+                item_at_signs += 1
+        elif char in ",;" and not angle_depth:
+            item_at_signs = item_angles = 0
     if in_quote or comment_depth or angle_depth or escaped:
         return None
     return at_signs
@@ -152,6 +199,8 @@ def _normalise_address(address: str) -> str | None:
     if not at or not local or not domain or "@" in local or '"' in local:
         return None
     if not _DOMAIN.fullmatch(domain) or local.startswith(".") or local.endswith("."):
+        return None
+    if any(char.isspace() for char in local):  # "Big Bug bb@bug.com": which words are it?
         return None
     return f"{local}@{domain.lower()}"
 

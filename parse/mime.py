@@ -23,6 +23,8 @@ from parse.headers import add_defect, decode_bytes, decode_words, raw_text, scru
 from shared.errors import PermanentError
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_INNER_BLANK = re.compile(rb"\S[ \t]+(?=\S)")
+_BASE64_SAMPLE = 4096
 _BIDI_AND_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 _ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c|00)", re.IGNORECASE)
 _MAX_FILENAME = 200
@@ -128,8 +130,11 @@ def sanitise_filename(name: str | None, fallback: str) -> str:
     return name
 
 
-def payload_bytes(part: Message, defects: list[str]) -> bytes:
-    """The decoded content of a leaf part (transfer encoding undone); never raises."""
+def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> bytes:
+    """The decoded content of a leaf part (transfer encoding undone); never raises.
+
+    ``text``: the part is read as a body, so "base64" that is plainly text stays text.
+    """
     if part.is_multipart():
         return message_part_bytes(part, defects)
     payload = part.get_payload()
@@ -137,7 +142,11 @@ def payload_bytes(part: Message, defects: list[str]) -> bytes:
         return b""
     encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
     if encoding == "base64":
-        return decode_base64(payload.encode("utf-8", "surrogateescape"), defects)
+        encoded = payload.encode("utf-8", "surrogateescape")
+        if text and _not_base64(encoded):
+            add_defect(defects, "not-base64")
+            return encoded
+        return decode_base64(encoded, defects)
     try:
         data = part.get_payload(decode=True)
     except Exception:  # uuencode and quoted-printable oddities
@@ -164,6 +173,18 @@ def decode_base64(data: bytes, defects: list[str]) -> bytes:
         return binascii.a2b_base64(cleaned)
     except binascii.Error:
         return b""
+
+
+def _not_base64(data: bytes) -> bool:
+    """Is ``data`` plainly text: blanks inside its lines (more than 1 in 25 characters)?
+
+    No base64 encoder writes blanks inside a line; decoding such a body (RFC 2045 ignores
+    the blanks) turns readable text into bytes of noise.
+    """
+    sample = data[:_BASE64_SAMPLE].strip()
+    if b" " not in sample and b"\t" not in sample:
+        return False
+    return len(_INNER_BLANK.findall(sample)) * 25 > len(sample)
 
 
 def message_part_bytes(part: Message, defects: list[str]) -> bytes:
@@ -224,7 +245,7 @@ def collect(message: Message, max_depth: int, defects: list[str]) -> Content:
         if leaf.content_type.startswith("multipart/"):
             # No parts found (a missing or wrong boundary): keep any text as the body.
             add_defect(defects, "multipart-without-parts")
-            leftover = decode_text(part, payload_bytes(part, defects), defects)
+            leftover = decode_text(part, payload_bytes(part, defects, text=True), defects)
             if leftover.strip() and content.text is None:
                 content.text = leftover
             continue
@@ -232,7 +253,7 @@ def collect(message: Message, max_depth: int, defects: list[str]) -> Content:
         if leaf.content_type in ("text/plain", "text/html") and disposition != "attachment":
             name = raw_filename(part, defects)
             if name is None:
-                text = decode_text(part, payload_bytes(part, defects), defects)
+                text = decode_text(part, payload_bytes(part, defects, text=True), defects)
                 if leaf.content_type == "text/plain":
                     content.text = text if content.text is None else content.text + "\n" + text
                     continue

@@ -407,3 +407,64 @@ def test_the_folded_boundary_message_agrees_with_the_standard_library() -> None:
     expected = sorted(part.get_filename() or "" for part in reference.iter_attachments())
     [parsed] = parse_raw(raw, "direct", LimitSettings()).emails
     assert len(parsed["attachments"]) == len(expected) > 0
+
+
+# --- regressions found comparing with the standard library on the corpus ---------------------
+
+@pytest.mark.parametrize(("name", "start"), [
+    ("demisto-parse-emails/multipart_with_eml_attachment_containing_html.eml",
+     "Email with attached another email"),
+    ("enmime/testdata/mail/mime-bad-content-transfer-encoding.raw",
+     "ploozdect  nispplul swunkglap zarplontruskdremp fruftsist\nploystoov"),
+])
+def test_text_body_labelled_base64_that_is_plain_text_stays_text(name: str, start: str) -> None:
+    mail = only_email(corpus(name))
+    assert mail["text"].startswith(start)
+    assert "not-base64" in mail["defects"]
+
+
+def test_real_base64_with_a_stray_character_is_still_decoded() -> None:
+    mail = only_email(corpus("enmime/testdata/parts/extra-base64-character.raw"))
+    assert mail["text"] == "Hello World!"
+    assert mail["html"] == "<p>Hello World</p>"
+    assert "not-base64" not in mail["defects"]
+
+
+def test_raw_utf8_filename_cut_inside_a_character_stays_utf8() -> None:
+    mail = only_email(corpus("flanker/russian-attachment-yahoo.eml"))
+    [attachment] = mail["attachments"]
+    assert attachment["filename"].startswith("Картинка")
+    assert "очень, очень длинным" in attachment["filename"]
+    assert attachment["filename"].endswith("таким чт\ufffd")
+
+
+def test_adjacent_encoded_words_join_without_a_blank_whatever_their_charset() -> None:
+    mail = only_email(corpus("james-mime4j/mimetools-testmsgs/intl.msg"))
+    assert mail["subject"] == "If you can read this you understand the example... so, cool!"
+
+
+def test_encoded_word_with_rfc2231_language_decodes_without_a_charset_defect() -> None:
+    mail = only_email(corpus("james-mime4j/mimetools-testmsgs/multi-2evil.msg"))
+    assert mail["attachments"][0]["filename"] == "3d-compress.gif"
+    assert not any(defect.startswith("unknown-charset") for defect in mail["defects"])
+
+
+@pytest.mark.parametrize(("name", "header"), [
+    ("ruby-mail/plain_emails/raw_email_with_at_display_name.eml", "to"),  # Mikel@Lindsaar <..>
+    ("mimekit/messages/issue358.txt", "from_"),  # a@b <a@c>
+    ("enmime/testdata/mail/malformed-multiple-address-header-values.raw", "from_"),  # <a> B <b>
+    ("ruby-mail/plain_emails/mix_caps_content_type.eml", "from_"),  # Big Bug bb@bug.com
+])
+def test_an_address_in_front_of_an_angle_address_is_ambiguous(name: str, header: str) -> None:
+    mail = only_email(corpus(name))
+    assert mail[header] == []
+    key = "from" if header == "from_" else header
+    assert f"ambiguous-address:{key}" in mail["defects"]
+
+
+def test_a_display_name_that_looks_like_an_address_is_not_a_sender() -> None:
+    mail = only_email(crafted("From: ceo@example.com <eve@evil.test>\n"
+                              "To: Bob <bob@example.org>, carol@example.org\nSubject: x"))
+    assert mail["from_"] == []
+    assert "ambiguous-address:from" in mail["defects"]
+    assert [item["address"] for item in mail["to"]] == ["bob@example.org", "carol@example.org"]
