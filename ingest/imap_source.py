@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SEEN = b"\\Seen"
 DELETED = b"\\Deleted"
-FETCH_ITEMS = [b"BODY.PEEK[]", b"INTERNALDATE"]
+FETCH_ITEMS = (b"BODY.PEEK[]", b"INTERNALDATE")
 
 ClientFactory = Callable[..., IMAPClient]
 

@@ -1,0 +1,1 @@
+"""mailroute's test suite: unit tests, worker tests on the memory transport, integration tests."""
