@@ -5,7 +5,7 @@ Takes a :class:`~shared.settings.MailboxSettings` of kind ``maildir`` (its ``pat
 info part), there is no UIDVALIDITY, and ``received_at`` is the file's modification time.
 :meth:`MaildirSource.after_confirm` takes a confirmed batch out of ``new/`` so it is not read
 again: ``seen`` moves it to ``cur/`` with the S flag, ``keep`` to ``cur/`` without flags,
-``delete`` removes it; ``move`` is IMAP-only and is treated as ``seen`` (logged once).
+``delete`` removes it (``move`` is IMAP-only; the settings refuse it for a Maildir).
 Fails with :class:`~ingest.errors.MailboxUnavailable` when the folder is not a Maildir or
 cannot be read.
 """
@@ -35,7 +35,6 @@ class MaildirSource:
         self._path = Path(box.path or "")
         self._maildir: mailbox.Maildir | None = None
         self._files: dict[str, Path] = {}
-        self._warned_move = False
 
     @property
     def uidvalidity(self) -> int | None:
@@ -91,10 +90,6 @@ class MaildirSource:
 
     def after_confirm(self, batch: Batch) -> None:
         action = self._box.after
-        if action == "move" and not self._warned_move:
-            log.warning("mailbox %s: after=move works only for IMAP; marking messages seen",
-                        self._box.name)
-            self._warned_move = True
         colon = self._colon()
         for message in batch.messages:
             path = self._files.pop(message.uid, None)
