@@ -348,14 +348,19 @@ class PipelineBench:
         return Broker(BrokerSettings(url=vhost.url, prefix="mail")).publisher(self.codec)
 
     # -- saturated --------------------------------------------------------------------------
-    def chain_saturated(self, vhost: Vhost, work: Path, database_url: str) -> None:
-        tag = self.tag("csat")
+    def preload(self, vhost: Vhost, label: str) -> tuple[str, list[Document]]:
+        """Publish the saturated run's whole load before any consumer starts."""
+        tag = self.tag(label)
         documents = self.documents(tag, self.settings.messages)
         publisher = self.publisher(vhost)
         try:
             publish_all(publisher, documents)
         finally:
             publisher.close()
+        return tag, documents
+
+    def chain_saturated(self, vhost: Vhost, work: Path, database_url: str) -> None:
+        tag, documents = self.preload(vhost, "csat")
         chain = Chain(vhost, work, self.settings, database_url)
         chain.reader.read()
         with chain.hops:
@@ -372,13 +377,7 @@ class PipelineBench:
 
     def pipeline_saturated(self, vhost: Vhost, config: Path, work: Path, engine: Any,
                            profile: Path | None = None) -> None:
-        tag = self.tag("psat")
-        documents = self.documents(tag, self.settings.messages)
-        publisher = self.publisher(vhost)
-        try:
-            publish_all(publisher, documents)
-        finally:
-            publisher.close()
+        tag, documents = self.preload(vhost, "psat")
         with StageWorkers(config, work) as workers:
             workers.start(*_STARTUP_ORDER)
             workers.wait_ready(*_STARTUP_ORDER)
