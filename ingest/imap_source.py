@@ -28,6 +28,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
 from ingest.source import Batch, FetchedMessage
+from shared.logs import one_line
 from shared.settings import MailboxSettings, ServerProfile
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _text(exc: BaseException) -> str:
     text = str(exc)
     if text.startswith(("b'", 'b"')):  # imapclient passes the server's bytes through str()
         text = text[2:-1]
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return one_line(text)
 
 
 def _aware(value: Any) -> datetime:

@@ -29,6 +29,7 @@ from ingest.errors import MailboxError
 from ingest.imap_source import ImapSource
 from ingest.maildir_source import MaildirSource
 from ingest.source import Batch, MailSource
+from shared.logs import one_line
 from shared.metrics import Metrics
 from shared.settings import MailboxSettings, Settings
 from shared.stage import Output
@@ -191,4 +192,4 @@ class IngestWorker:
 def _describe(exc: BaseException) -> str:
     """One line for logs and the state table: the type and message, CR/LF escaped."""
     text = str(exc) if isinstance(exc, MailboxError) else f"{type(exc).__name__}: {exc}"
-    return text.replace("\r", "\\r").replace("\n", "\\n")[:500]
+    return one_line(text)[:500]

@@ -12,6 +12,11 @@ import sys
 from datetime import UTC, datetime
 
 
+def one_line(text: str) -> str:
+    """``text`` with CR and LF escaped, so that it cannot start a forged log line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -29,7 +34,7 @@ class _JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        return text.replace("\r", "\\r").replace("\n", "\\n") if not record.exc_info else text
+        return one_line(text) if not record.exc_info else text
 
 
 def configure_logging(level: str, fmt: str) -> None:

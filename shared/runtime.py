@@ -36,6 +36,7 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from shared.errors import PermanentError, TransientError
+from shared.logs import one_line
 from shared.metrics import Metrics
 from shared.schemas import Codec
 from shared.settings import RetrySettings, Settings
@@ -200,7 +201,7 @@ class StageRunner:
                                                   reason=result.reason).inc()
                 log.warning("%s: dead-lettered %s: %s: %s", self.stage.name,
                             _header(message, "x-mailroute-trace") or "?", result.reason,
-                            _escape(result.detail))
+                            one_line(result.detail))
 
     def _ack(self, batch: list[Message]) -> None:
         """Ack the whole batch; on AMQP with one frame (every earlier delivery is acked)."""
@@ -228,7 +229,7 @@ class StageRunner:
         headers.update({
             "x-mailroute-stage": stage,
             "x-mailroute-reason": dead.reason,
-            "x-mailroute-detail": _escape(dead.detail)[:2000],
+            "x-mailroute-detail": one_line(dead.detail)[:2000],
             "x-mailroute-attempts": _delivery_count(message) + 1,
             "x-mailroute-failed-at": datetime.now(UTC).isoformat(),
         })
@@ -299,7 +300,7 @@ class StageRunner:
         self.metrics.messages_retried.labels(stage=self.stage.name).inc()
         delay = backoff_delay(self.settings.retry, attempt, self._rng)
         log.warning("%s: attempt %d failed (%s); retrying in %.2fs", self.stage.name, attempt,
-                    _escape(str(exc)), delay)
+                    one_line(str(exc)), delay)
         if self.stop.wait(delay):
             raise Stopping()
 
@@ -319,7 +320,3 @@ def _header(message: Message, name: str) -> str:
     value = (message.headers or {}).get(name, "")
     return value if isinstance(value, str) else str(value)
 
-
-def _escape(text: str) -> str:
-    """Keep one log record on one line, whatever a message put in its headers."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")

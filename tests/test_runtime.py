@@ -21,6 +21,7 @@ from shared.stage import Output
 from shared.transport import Broker, Envelope
 from tests import documents
 from tests.broker_fixtures import Vhost, drain_queue
+from tests.processes import wait_for
 from tests.tcp_proxy import StallableProxy
 
 
@@ -30,11 +31,9 @@ class ScriptedStage:
     name = "parse"
     input_edge: Edge = "raw"
 
-    def __init__(self, runner_stop: threading.Event, expected: int) -> None:
+    def __init__(self) -> None:
         self.calls: dict[bytes, int] = {}
         self.handled = 0
-        self.expected = expected
-        self.stop = runner_stop
         self.slow_seconds = 0.0
 
     def handle(self, document: dict[str, Any]) -> list[Output]:
@@ -74,18 +73,14 @@ def run_until(broker: Broker, bodies: list[bytes], done: Any,
     publisher.publish([Output("raw", documents.raw(body)) for body in bodies])
     publisher.close()
     stop = threading.Event()
-    stage = ScriptedStage(stop, len(bodies))
+    stage = ScriptedStage()
     stage.slow_seconds = slow_seconds
     metrics = Metrics()
     runner = StageRunner(stage, settings, broker, metrics, stop)
     thread = threading.Thread(target=runner.run)
     thread.start()
     try:
-        deadline = threading.Event()
-        for _ in range(600):
-            if done(stage, metrics):
-                break
-            deadline.wait(0.05)
+        wait_for(lambda: done(stage, metrics), "the runner to handle the batch", timeout=60)
     finally:
         stop.set()
         thread.join(timeout=30)
