@@ -16,40 +16,20 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
-from shared.logs import configure_logging
+from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
 from shared.metrics import Metrics, MetricsServer
 from shared.runtime import StageRunner
-from shared.settings import ConfigError, Settings, load_settings
+from shared.settings import Settings
 from shared.topology import STAGES
 from shared.transport import Broker
 
 log = logging.getLogger("mailroute")
 
 STAGE_PORT_OFFSET = {"ingest": 0, "parse": 1, "route": 2, "persist": 3}
-
-
-class ConfigProblem(click.ClickException):
-    exit_code = 2
-
-
-@dataclass
-class Context:
-    config: str | None
-    settings: Settings | None = field(default=None)
-
-    def load(self) -> Settings:
-        if self.settings is None:
-            try:
-                self.settings = load_settings(self.config)
-            except ConfigError as exc:
-                raise ConfigProblem(f"configuration: {exc}") from exc
-            configure_logging(self.settings.log_level, self.settings.log_format)
-        return self.settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,14 +48,6 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 
 # -- building the stages -------------------------------------------------------------------
-def _engine(settings: Settings) -> Any:
-    from persist.database import create_engine_for, upgrade
-
-    engine = create_engine_for(settings.database.url)
-    upgrade(engine)
-    return engine
-
-
 def _build_consumer_stage(name: str, settings: Settings, engine: Any) -> Any:
     if name == "parse":
         from parse.worker import ParseStage
@@ -138,13 +110,6 @@ def _metrics_server(settings: Settings, metrics: Metrics, offset: int,
     return server
 
 
-def _connect_or_fail(what: str, action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except Exception as exc:
-        raise click.ClickException(f"{what}: {exc}") from exc
-
-
 def _run_threads(targets: dict[str, Callable[[], None]], stop: threading.Event) -> None:
     threads = [threading.Thread(target=t, name=name, daemon=True)
                for name, t in targets.items()]
@@ -172,9 +137,9 @@ def run(obj: Context) -> None:
     prints a line whenever new records are created.
     """
     settings = obj.load()
-    engine = _connect_or_fail("database", lambda: _engine(settings))
+    engine = connect_or_fail("database", lambda: open_engine(settings))
     broker = Broker(settings.broker)
-    _connect_or_fail("broker", broker.declare)
+    connect_or_fail("broker", broker.declare)
     metrics = Metrics()
     runners: list[StageRunner] = []
     with _stop_on_signals() as stop:
@@ -186,8 +151,8 @@ def run(obj: Context) -> None:
         targets = {r.stage.name: r.run for r in runners}
         targets["ingest"] = _ingest_target(settings, broker, engine, metrics, stop)
         targets["report"] = _record_reporter(engine, stop)
-        click.echo(f"mailroute running: broker {_safe_url(settings.broker.url)}, database "
-                   f"{_safe_url(settings.database.url)}, {len(settings.mailboxes)} mailbox(es): "
+        click.echo(f"mailroute running: broker {safe_url(settings.broker.url)}, database "
+                   f"{safe_url(settings.database.url)}, {len(settings.mailboxes)} mailbox(es): "
                    f"{', '.join(b.name for b in settings.mailboxes) or 'none'}. Ctrl-C stops.")
         try:
             _run_threads(targets, stop)
@@ -230,9 +195,9 @@ def worker(obj: Context, stage: str) -> None:
     """
     settings = obj.load()
     broker = Broker(settings.broker)
-    _connect_or_fail("broker", broker.declare)
+    connect_or_fail("broker", broker.declare)
     needs_db = stage in ("ingest", "persist")
-    engine = _connect_or_fail("database", lambda: _engine(settings)) if needs_db else None
+    engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
     metrics = Metrics()
     with _stop_on_signals() as stop:
         if stage == "ingest":
@@ -264,8 +229,8 @@ def db_upgrade(obj: Context) -> None:
     settings = obj.load()
     from persist.database import current_revision
 
-    engine = _connect_or_fail("database", lambda: _engine(settings))
-    click.echo(f"database {_safe_url(settings.database.url)} at revision "
+    engine = connect_or_fail("database", lambda: open_engine(settings))
+    click.echo(f"database {safe_url(settings.database.url)} at revision "
                f"{current_revision(engine)}")
 
 
@@ -276,7 +241,7 @@ def status(obj: Context) -> None:
     settings = obj.load()
     from persist.mailbox_state import MailboxStateStore
 
-    engine = _connect_or_fail("database", lambda: _engine(settings))
+    engine = connect_or_fail("database", lambda: open_engine(settings))
     states = {(s.mailbox, s.folder): s for s in MailboxStateStore(engine).all_states()}
     click.echo(f"{'MAILBOX':<20} {'FOLDER':<10} {'STATUS':<9} {'LAST POLL':<26} "
                f"{'FAILURES':>8}  LAST ERROR")
@@ -290,7 +255,7 @@ def status(obj: Context) -> None:
         click.echo(f"{box.name:<20} {folder:<10} {state.status:<9} {last:<26} "
                    f"{state.consecutive_failures:>8}  {state.last_error or ''}")
     broker = Broker(settings.broker)
-    depths = _connect_or_fail("broker", lambda: _queue_depths(broker))
+    depths = connect_or_fail("broker", lambda: _queue_depths(broker))
     click.echo("")
     click.echo(f"{'QUEUE':<28} {'MESSAGES':>9} {'CONSUMERS':>9}")
     for name, (messages, consumers) in depths.items():
@@ -309,15 +274,7 @@ def _queue_depths(broker: Broker) -> dict[str, tuple[int, int]]:
     return depths
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for printing."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+# -- command groups from their own shared/cli_*.py modules (one add_command line each) ----
 
 
 if __name__ == "__main__":  # pragma: no cover
