@@ -4,13 +4,16 @@ Takes the raw bytes of one fetched message, the kind of mailbox it came from (``
 ``forward``) and the limits; gives a :class:`ParseResult`: the envelope (how the mail reached
 the mailbox) and the emails in it, each a dict shaped like ``shared.schemas.EmailSchema``
 (addresses under the key ``from_``, the schema's attribute name).  A direct mailbox gives one
-email, the message itself; a forward mailbox gives one email per message attached to the
-envelope (``message/rfc822`` / ``message/global`` parts of the envelope's own MIME tree, or an
-``.eml`` attached as ``application/octet-stream``).  ``ParseResult.items()`` pairs each email
-with its envelope (``index`` set per email).
+email, the message itself; a forward mailbox gives either one email per original attached
+to the envelope (kind ``wrapped``: see :mod:`parse.attached` for the forms; envelopes inside
+it opened to ``limits.forward_depth`` levels) or, for a redirected message (``Resent-*``,
+``X-Sieve-Redirected-From``, ...; see :mod:`parse.envelope`), the message itself (kind
+``redirected``).  Every envelope carries the raw headers routing needs to decide whose mail
+it was.  ``ParseResult.items()`` pairs each email with its envelope (``index`` per email).
 
 Fails only with :class:`~shared.errors.PermanentError`: ``message-too-large``,
 ``header-too-large``, ``too-many-parts``, ``nesting-too-deep`` (checked before parsing),
+``parse-time-exceeded`` (``limits.parse_seconds``, checked between parts),
 ``invalid-forward-mail-item`` (a forward mailbox's message holding no original), or
 ``unparseable`` (any other failure of the parser).  Damage short of that (broken base64,
 unknown charsets, ambiguous addresses) is repaired or dropped and listed in ``defects``.
@@ -27,6 +30,8 @@ from email.message import Message
 from email.parser import BytesParser
 from typing import Any
 
+from parse.attached import attached_messages
+from parse.envelope import STRONG_REDIRECT_HEADERS, envelope_headers, redirect_evidence
 from parse.headers import (
     add_defect,
     decode_words,
@@ -38,17 +43,8 @@ from parse.headers import (
     scrub,
     unfold,
 )
-from parse.limits import check_limits
-from parse.mime import (
-    INNER_MESSAGE_TYPES,
-    collect,
-    disposition_of,
-    leaves,
-    message_part_bytes,
-    payload_bytes,
-    raw_filename,
-    serialise,
-)
+from parse.limits import Budget, check_limits
+from parse.mime import INNER_MESSAGE_TYPES, collect, disposition_of, leaves
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
 
@@ -56,39 +52,46 @@ from shared.settings import LimitSettings
 KEPT_HEADERS = (
     "auto-submitted", "delivered-to", "x-original-to", "x-forwarded-to", "resent-from",
     "resent-to", "precedence", "x-mailroute-loop", "list-id", "thread-index",
+    "x-sieve-redirected-from", "resent-sender",
 )
 _ADDRESS_HEADERS = {"from": "from_", "to": "to", "cc": "cc", "reply-to": "reply_to"}
 _USED_HEADERS = frozenset(
     (*KEPT_HEADERS, *_ADDRESS_HEADERS, "subject", "date", "message-id", "in-reply-to",
      "references"))
-_MESSAGE_HEADERS = re.compile(
-    rb"^(?:from|date|message-id)[ \t]*:", re.IGNORECASE | re.MULTILINE)
-_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 @dataclass(frozen=True)
 class ParseResult:
-    """The envelope (``index`` 0, ``count`` = number of emails) and the emails it carried."""
+    """The envelope (``index`` 0, ``count`` = number of emails) and the emails it carried.
+
+    ``chains`` holds, per email, the senders of the envelopes found inside the outer one
+    (nested forwards, outermost first; empty when there were none).
+    """
 
     envelope: dict[str, Any]
     emails: list[dict[str, Any]]
+    chains: list[list[dict[str, str]]] | None = None
 
     def items(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """(envelope with this email's ``index``, email) for each email, in order."""
-        return [({**self.envelope, "index": index}, email)
+        """(envelope with this email's ``index`` and ``chain``, email) for each email."""
+        chains = self.chains or [[] for _ in self.emails]
+        return [({**self.envelope, "index": index, "chain": chains[index]}, email)
                 for index, email in enumerate(self.emails)]
 
 
-def parse_raw(raw: bytes, mailbox_kind: str, limits: LimitSettings) -> ParseResult:
+def parse_raw(raw: bytes, mailbox_kind: str, limits: LimitSettings,
+              budget: Budget | None = None) -> ParseResult:
     """Parse one fetched message; see the module docstring for what it gives and raises."""
     if mailbox_kind not in ("direct", "forward"):
         raise PermanentError("bad-mailbox-kind", repr(mailbox_kind)[:60])
+    budget = budget or Budget(limits.parse_seconds)
     check_limits(raw, limits)
     try:
         message = _parse_bytes(raw)
         if mailbox_kind == "direct":
-            return ParseResult(_direct_envelope(), [build_email(message, len(raw), limits)])
-        return _unwrap_forward(message, limits)
+            return ParseResult(_direct_envelope(),
+                               [build_email(message, len(raw), limits, budget)])
+        return _open_forward(message, len(raw), limits, budget)
     except PermanentError:
         raise
     except MemoryError:
@@ -100,8 +103,9 @@ def parse_raw(raw: bytes, mailbox_kind: str, limits: LimitSettings) -> ParseResu
 
 
 def _direct_envelope() -> dict[str, Any]:
-    return {"kind": "direct", "forwarder": None, "outer_message_id": None,
-            "outer_subject": None, "index": 0, "count": 1, "defects": []}
+    return {"kind": "direct", "forwarder": None, "forwarder_header": None,
+            "outer_message_id": None, "outer_subject": None, "index": 0, "count": 1,
+            "headers": {}, "chain": [], "defects": []}
 
 
 class _StructureUnfoldingCompat32(policy.Compat32):
@@ -146,8 +150,11 @@ def _used_headers(message: Message, limits: LimitSettings) -> tuple[dict[str, li
     return used, received
 
 
-def build_email(message: Message, size: int, limits: LimitSettings) -> dict[str, Any]:
+def build_email(message: Message, size: int, limits: LimitSettings,
+                budget: Budget | None = None) -> dict[str, Any]:
     """The EmailSchema-shaped dict of one parsed message of ``size`` bytes."""
+    if budget is not None:
+        budget.check()
     defects: list[str] = []
     used, received = _used_headers(message, limits)
     subject_values = used.get("subject")
@@ -164,7 +171,7 @@ def build_email(message: Message, size: int, limits: LimitSettings) -> dict[str,
                for name in KEPT_HEADERS if name in used}
     headers["received-count"] = [str(received)]
     email["headers"] = headers
-    content = collect(message, limits.max_depth, defects)
+    content = collect(message, limits.max_depth, defects, budget)
     email["text"] = content.text
     email["html"] = content.html
     email["attachments"] = content.attachments
@@ -191,68 +198,83 @@ def fingerprint(email: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(fields).encode("utf-8", "replace")).hexdigest()
 
 
-def _unwrap_forward(outer: Message, limits: LimitSettings) -> ParseResult:
-    envelope_defects: list[str] = []
+def _open_forward(outer: Message, size: int, limits: LimitSettings,
+                  budget: Budget) -> ParseResult:
+    """The envelope of a forward mailbox's message, and the originals it carries."""
+    defects: list[str] = []
+    headers = envelope_headers(outer)
     used, _ = _used_headers(outer, limits)
-    senders = parse_addresses("from", used.get("from", []), envelope_defects)
+    senders = parse_addresses("from", used.get("from", []), defects)
     subject_values = used.get("subject")
-    emails: list[dict[str, Any]] = []
-    for leaf in leaves(outer, limits.max_depth, envelope_defects):
-        inner = _inner_message(leaf.part, leaf.content_type, leaf.depth, limits,
-                               envelope_defects)
-        if inner is not None:
-            message, size = inner
-            emails.append(build_email(message, size, limits))
-    if not emails:
-        raise PermanentError("invalid-forward-mail-item",
-                             "no message attached to the forward envelope")
-    envelope = {
+    envelope: dict[str, Any] = {
         "kind": "wrapped",
         "forwarder": senders[0] if senders else None,
+        "forwarder_header": "from",
         "outer_message_id": parse_message_id(used.get("message-id", [])),
-        "outer_subject": decode_words(subject_values[0], envelope_defects)
-        if subject_values else None,
+        "outer_subject": decode_words(subject_values[0], defects) if subject_values else None,
         "index": 0,
-        "count": len(emails),
-        "defects": envelope_defects,
+        "headers": headers,
+        "defects": defects,
     }
-    if not senders:
-        add_defect(envelope_defects, "no-forwarder")
-    return ParseResult(envelope, emails)
-
-
-def _inner_message(part: Message, content_type: str, depth: int, limits: LimitSettings,
-                   defects: list[str]) -> tuple[Message, int] | None:
-    """The original carried by one leaf of a forward envelope, with its size; or None."""
-    if content_type in INNER_MESSAGE_TYPES:
-        payload = part.get_payload()
-        encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
-        if (isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], Message)
-                and encoding not in ("base64", "quoted-printable")):
-            return payload[0], len(serialise(payload[0]))
-        data = message_part_bytes(part, defects)
-    elif content_type.startswith(("multipart/", "message/")):
-        return None
+    redirect = redirect_evidence(headers)
+    originals: list[tuple[bytes, list[dict[str, str]]]] = []
+    if redirect is None or redirect[0] not in STRONG_REDIRECT_HEADERS:
+        originals = _originals(outer, limits, budget, defects, level=1)
+    if originals:
+        emails = [build_email(_parse_bytes(data), len(data), limits, budget)
+                  for data, _ in originals]
+        chains = [chain for _, chain in originals]
+        if not senders:
+            add_defect(defects, "no-forwarder")
+    elif redirect is not None:
+        header, address = redirect
+        envelope.update(kind="redirected", forwarder_header=header,
+                        forwarder={"name": "", "address": address})
+        emails = [build_email(outer, size, limits, budget)]
+        chains = [[]]
     else:
-        name = raw_filename(part, defects)
-        named_eml = name is not None and name.strip().lower().endswith(".eml")
-        if not named_eml and (content_type != "application/octet-stream"
-                              or disposition_of(part) == "inline"):
-            return None
-        data = payload_bytes(part, defects)
-        if not _looks_like_message(data):
-            if named_eml:
-                add_defect(defects, "eml-attachment-not-a-message")
-            return None
-    check_limits(data, limits, base_depth=depth)
-    return _parse_bytes(data), len(data)
+        raise PermanentError("invalid-forward-mail-item",
+                             "no message attached to the forward envelope and no sign of a "
+                             "redirect")
+    envelope["count"] = len(emails)
+    return ParseResult(envelope, emails, chains)
 
 
-def _looks_like_message(data: bytes) -> bool:
-    """Does ``data`` start with a header block holding From, Date or Message-ID?"""
-    head = data[:65536].lstrip()
-    if not _HEADER_LINE.match(head):
-        return False
-    end = re.search(rb"\r?\n\r?\n", head)
-    block = head[: end.start()] if end else head
-    return len(_MESSAGE_HEADERS.findall(block)) >= 2
+def _originals(message: Message, limits: LimitSettings, budget: Budget, defects: list[str],
+               level: int) -> list[tuple[bytes, list[dict[str, str]]]]:
+    """(raw bytes, chain of inner forwarders) of each original in ``message``.
+
+    An original that is itself a forward envelope (a note and attached messages only, from a
+    clear sender) is opened in turn while ``level`` < ``limits.forward_depth``.
+    """
+    found: list[tuple[bytes, list[dict[str, str]]]] = []
+    for leaf in leaves(message, limits.max_depth, defects, budget):
+        for data in attached_messages(leaf.part, leaf.content_type, limits.max_depth, defects):
+            budget.check()
+            check_limits(data, limits, base_depth=leaf.depth)
+            if level < limits.forward_depth:
+                inner = _parse_bytes(data)
+                forwarder = _envelope_sender(inner, limits, budget)
+                if forwarder is not None:
+                    nested = _originals(inner, limits, budget, defects, level + 1)
+                    if nested:
+                        add_defect(defects, "nested-forward-unwrapped")
+                        found.extend((raw, [forwarder, *chain]) for raw, chain in nested)
+                        continue
+            found.append((data, []))
+    return found
+
+
+def _envelope_sender(message: Message, limits: LimitSettings,
+                     budget: Budget) -> dict[str, str] | None:
+    """The sender of ``message`` if it is shaped like a forward envelope, else None."""
+    scratch: list[str] = []
+    parts = leaves(message, limits.max_depth, scratch, budget)
+    bodies = [leaf for leaf in parts if leaf.content_type in ("text/plain", "text/html")
+              and disposition_of(leaf.part) != "attachment"]
+    carried = [leaf for leaf in parts if leaf.content_type in INNER_MESSAGE_TYPES]
+    if not carried or len(bodies) + len(carried) != len(parts):
+        return None
+    used, _ = _used_headers(message, limits)
+    senders = parse_addresses("from", used.get("from", []), scratch)
+    return senders[0] if len(senders) == 1 else None

@@ -2,7 +2,8 @@
 
 Takes the raw bytes and :class:`~shared.settings.LimitSettings`; gives nothing when the message
 is within them, else raises :class:`~shared.errors.PermanentError` with the reason
-``message-too-large``, ``header-too-large``, ``too-many-parts`` or ``nesting-too-deep``.
+``message-too-large``, ``header-too-large``, ``too-many-parts`` or ``nesting-too-deep``;
+:class:`Budget` is the per-message time budget (``parse-time-exceeded``).
 The part count and depth come from one regular-expression pass over the delimiter lines and
 the multipart / message Content-Type headers, so a hostile message costs a linear scan, not
 a parse.  They are estimates: a part the scan cannot see (inside a base64-encoded attached
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
+from collections.abc import Callable
 
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
@@ -94,3 +97,27 @@ def _pop(stack: list[bytes | None], open_boundaries: dict[bytes, int]) -> None:
     boundary = stack.pop()
     if boundary is not None:
         open_boundaries[boundary] -= 1
+
+
+class Budget:
+    """A per-message wall-clock deadline, checked between parts and inner messages.
+
+    Pure Python cannot interrupt a running call safely, so the parse checks the deadline at
+    every part and every inner message; each step between two checks is itself bounded by
+    the limits above (header size, part count, depth).  ``check`` raises
+    ``PermanentError("parse-time-exceeded")`` once the deadline has passed.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._deadline = clock() + seconds
+
+    def check(self) -> None:
+        if self._clock() > self._deadline:
+            raise PermanentError("parse-time-exceeded",
+                                 f"parsing took longer than {self._seconds:g} s")
+
+    @classmethod
+    def unlimited(cls) -> Budget:
+        return cls(float("inf"))

@@ -20,6 +20,7 @@ from email.policy import Compat32
 from typing import Any
 
 from parse.headers import add_defect, decode_bytes, decode_words, raw_text, scrub, unfold
+from parse.limits import Budget
 from shared.errors import PermanentError
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
@@ -48,14 +49,18 @@ class Content:
     attachments: list[dict[str, Any]] = field(default_factory=list)
 
 
-def leaves(message: Message, max_depth: int, defects: list[str]) -> list[Leaf]:
+def leaves(message: Message, max_depth: int, defects: list[str],
+           budget: Budget | None = None) -> list[Leaf]:
     """Every non-multipart part of ``message`` in order, not descending into message/* parts.
 
-    The parser's defects of every part visited (containers too) are added to ``defects``.
+    The parser's defects of every part visited (containers too) are added to ``defects``;
+    ``budget`` is checked at every part.
     """
     found: list[Leaf] = []
     stack: list[tuple[Message, int]] = [(message, 0)]
     while stack:
+        if budget is not None:
+            budget.check()
         part, depth = stack.pop()
         if depth > max_depth:
             raise PermanentError("nesting-too-deep", f"more than {max_depth} levels")
@@ -237,10 +242,13 @@ def inner_subject(message: Message, defects: list[str]) -> str:
     return ""
 
 
-def collect(message: Message, max_depth: int, defects: list[str]) -> Content:
+def collect(message: Message, max_depth: int, defects: list[str],
+            budget: Budget | None = None) -> Content:
     """Text, HTML and attachments of ``message``, in document order."""
     content = Content()
-    for leaf in leaves(message, max_depth, defects):
+    for leaf in leaves(message, max_depth, defects, budget):
+        if budget is not None:
+            budget.check()
         part = leaf.part
         if leaf.content_type.startswith("multipart/"):
             # No parts found (a missing or wrong boundary): keep any text as the body.

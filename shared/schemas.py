@@ -102,8 +102,17 @@ class EmailSchema(Schema):
 class EnvelopeSchema(Schema):
     """How the email reached the mailbox: directly, or wrapped in a forward envelope."""
 
-    kind = fields.String(required=True, validate=validate.OneOf(["direct", "wrapped"]))
+    kind = fields.String(required=True,
+                         validate=validate.OneOf(["direct", "wrapped", "redirected"]))
     forwarder = fields.Nested(AddressSchema, allow_none=True, load_default=None)
+    # The header that named the forwarder: "from" (wrapped) or a redirect header.
+    forwarder_header = fields.String(allow_none=True, load_default=None)
+    # Raw outer headers for the forward decision (parse.envelope.ENVELOPE_HEADERS), topmost
+    # first, plus "received-count".
+    headers = fields.Dict(keys=fields.String(), values=fields.List(fields.String()),
+                          load_default=dict)
+    # Senders of the envelopes nested inside the outer one (forward of a forward).
+    chain = fields.List(fields.Nested(AddressSchema), load_default=list)
     outer_message_id = fields.String(allow_none=True, load_default=None)
     outer_subject = fields.String(allow_none=True, load_default=None)
     index = fields.Integer(load_default=0)  # which inner message of the envelope

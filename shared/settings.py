@@ -72,6 +72,11 @@ class LimitSettings:
     max_header_bytes: int = 1024 * 1024
     max_parts: int = 2000
     max_depth: int = 20
+    # How many forward envelopes inside each other are opened (1: only the one that reached
+    # the forward mailbox, as Dynamics does); deeper envelopes stay attachments.
+    forward_depth: int = 1
+    # Wall-clock seconds one message may take to parse before it is dead-lettered.
+    parse_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,13 @@ class MailboxSettings:
     move_to: str | None = None
     interval: float = 60.0
     batch_size: int = 200
+    # Forward mailboxes only.  ``address``: the mailbox's own address, never taken for a
+    # forwarder.  ``authserv_id``: the Authentication-Results headers of this server id are
+    # trusted (all others ignored); ``require_proof``: a forward needs an aligned DKIM/SPF or
+    # ARC pass in one of them.  A forward mailbox's ``after`` defaults to delete.
+    address: str | None = None
+    authserv_id: str | None = None
+    require_proof: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,7 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
     else:
         base_dir = Path.cwd()
     _apply_env_overrides(data, os.environ if environ is None else environ)
+    _forward_mailbox_defaults(data)
     settings = _build(Settings, data, "")
     settings = _resolve_paths(settings, base_dir)
     _validate(settings)
@@ -185,6 +198,13 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> No
                 raise ConfigError(f"{key}: {part} is not a section")
             target = node
         target[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _forward_mailbox_defaults(data: dict[str, Any]) -> None:
+    """A forward mailbox whose ``after`` is not given deletes each envelope (as Dynamics)."""
+    for box in data.get("mailboxes") or ():
+        if isinstance(box, dict) and box.get("forward") is True and "after" not in box:
+            box["after"] = "delete"
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -266,6 +286,14 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{where}: interval and batch_size must be positive")
         if box.after == "move" and not box.move_to:
             raise ConfigError(f"{where}.move_to: after=move needs a folder to move to")
+        if box.require_proof and not box.authserv_id:
+            raise ConfigError(f"{where}.authserv_id: require_proof needs the authserv-id of "
+                              "the server whose Authentication-Results are trusted")
+        if not box.forward and (box.require_proof or box.authserv_id):
+            raise ConfigError(f"{where}: authserv_id and require_proof are for forward mailboxes")
+    limits = settings.limits
+    if limits.forward_depth < 1 or limits.parse_seconds <= 0:
+        raise ConfigError("limits: forward_depth must be at least 1 and parse_seconds positive")
     by_name = {b.name: b for b in settings.mailboxes}
     seen: set[str] = set()
     for kind, principals in (("users", settings.users), ("queues", settings.queues)):

@@ -49,8 +49,9 @@ def source(kind: str) -> dict:
 def test_plain_message() -> None:
     raw = corpus("ruby-mail/plain_emails/basic_email.eml")
     result = parse_raw(raw, "direct", LIMITS)
-    assert result.envelope == {"kind": "direct", "forwarder": None, "outer_message_id": None,
-                               "outer_subject": None, "index": 0, "count": 1, "defects": []}
+    assert result.envelope == {"kind": "direct", "forwarder": None, "forwarder_header": None,
+                               "outer_message_id": None, "outer_subject": None, "index": 0,
+                               "count": 1, "headers": {}, "chain": [], "defects": []}
     mail = result.emails[0]
     assert mail["message_id"] == "6B7EC235-5B17-4CA8-B2B8-39290DEB43A3@test.lindsaar.net"
     assert mail["dedup_key"] == "mid:" + mail["message_id"]
