@@ -66,7 +66,10 @@ def msg_to_mime(data: bytes, max_depth: int = 5) -> bytes:
         raise OutlookError("not an OLE2 compound document")
     try:
         with olefile.OleFileIO(data) as ole:
-            message = _build(_Storage(ole, []), max_depth)
+            root = _Storage(ole, [])
+            if not root.has_properties():
+                raise OutlookError("no message properties (not a message, or damaged)")
+            message = _build(root, max_depth)
         return message.as_bytes(policy=SMTP)
     except OutlookError:
         raise
@@ -98,6 +101,9 @@ class _Storage:
                   and name not in self.children):
                 self.children.append(name)
         self._fixed = self._fixed_properties()
+
+    def has_properties(self) -> bool:
+        return bool(self._streams)
 
     def text(self, prop_id: int) -> str | None:
         found = self._streams.get(prop_id)

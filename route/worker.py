@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from route.directory import Directory
+from route.forwarding import ForwardPolicy
 from route.router import route
 from shared.schemas import Edge
 from shared.stage import Output
@@ -19,11 +20,12 @@ class RouteStage:
     name = "route"
     input_edge: Edge = "parsed"
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, forwarding: ForwardPolicy | None = None) -> None:
         self.directory = directory
+        self.forwarding = forwarding or ForwardPolicy()
 
     def handle(self, document: dict[str, Any]) -> list[Output]:
-        deliveries = route(document, self.directory)
+        deliveries = route(document, self.directory, self.forwarding)
         return [Output("routed", {
             "trace_id": document["trace_id"],
             "source": document["source"],

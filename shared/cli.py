@@ -55,9 +55,10 @@ def _build_consumer_stage(name: str, settings: Settings, engine: Any) -> Any:
         return ParseStage(settings.limits)
     if name == "route":
         from route.directory import Directory
+        from route.forwarding import ForwardPolicy
         from route.worker import RouteStage
 
-        return RouteStage(Directory(settings))
+        return RouteStage(Directory(settings), ForwardPolicy(settings))
     from persist.store import EmailStore
     from persist.worker import PersistStage
 
