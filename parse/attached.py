@@ -17,6 +17,7 @@ from email.message import Message
 from parse.headers import add_defect, unfold
 from parse.mime import (
     INNER_MESSAGE_TYPES,
+    TNEF_TYPES,
     disposition_of,
     message_part_bytes,
     payload_bytes,
@@ -26,7 +27,6 @@ from parse.mime import (
 from parse.outlook import OutlookError, is_outlook_message, msg_to_mime
 from parse.tnef import TnefError, embedded_message_to_mime, is_tnef, read_tnef
 
-TNEF_TYPES = ("application/ms-tnef", "application/vnd.ms-tnef")
 OUTLOOK_TYPES = ("application/vnd.ms-outlook", "application/x-msg")
 _MESSAGE_HEADERS = re.compile(rb"^(?:from|date|message-id)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
@@ -56,7 +56,7 @@ def attached_messages(part: Message, content_type: str, max_depth: int,
     data = payload_bytes(part, defects)
     if is_outlook_message(data):
         return _from_msg(data, max_depth, defects)
-    if looks_like_message(data):
+    if looks_like_message(data, named=named_eml):
         return [data]
     if named_eml:
         add_defect(defects, "eml-attachment-not-a-message")
@@ -66,7 +66,7 @@ def attached_messages(part: Message, content_type: str, max_depth: int,
 def _from_msg(data: bytes, max_depth: int, defects: list[str]) -> list[bytes]:
     if not is_outlook_message(data):
         # mbox tools name plain MIME files .msg too
-        return [data] if looks_like_message(data) else []
+        return [data] if looks_like_message(data, named=True) else []
     try:
         return [msg_to_mime(data, max_depth)]
     except OutlookError:
@@ -95,16 +95,19 @@ def _from_tnef(data: bytes, max_depth: int, defects: list[str]) -> list[bytes]:
                 add_defect(defects, "tnef-unreadable")
         elif is_outlook_message(attachment.data):
             found.extend(_from_msg(attachment.data, max_depth, defects))
-        elif name.endswith(".eml") and looks_like_message(attachment.data):
+        elif name.endswith(".eml") and looks_like_message(attachment.data, named=True):
             found.append(attachment.data)
     return found
 
 
-def looks_like_message(data: bytes) -> bool:
-    """Does ``data`` start with a header block holding two of From, Date and Message-ID?"""
+def looks_like_message(data: bytes, named: bool = False) -> bool:
+    """Does ``data`` start with a header block holding two of From, Date and Message-ID?
+
+    One is enough for a file whose name (``.eml``, ``.msg``) already says it is a message.
+    """
     head = data[:65536].lstrip()
     if not _HEADER_LINE.match(head):
         return False
     end = re.search(rb"\r?\n\r?\n", head)
     block = head[: end.start()] if end else head
-    return len(_MESSAGE_HEADERS.findall(block)) >= 2
+    return len(_MESSAGE_HEADERS.findall(block)) >= (1 if named else 2)

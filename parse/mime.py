@@ -3,7 +3,8 @@
 Takes an ``email.message.Message`` parsed with ``policy=compat32`` (cheap: headers stay raw
 strings) and gives its text and HTML bodies and its attachments as plain data.  The walk
 never descends into an attached message (``message/*``): that is a leaf, an attachment of its
-own, or an inner email for the caller to unwrap.  Payloads are decoded by us (base64 leniently,
+own, or an inner email for the caller to unwrap.  A TNEF ``winmail.dat`` is opened: its
+attachments (and body, unless compressed RTF) take its place.  Payloads are decoded by us (base64 leniently,
 charsets with replacement characters); nothing here raises on bad content -- problems become
 short defect strings.  Nesting deeper than the limit raises PermanentError("nesting-too-deep").
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from parse.headers import add_defect, decode_bytes, decode_words, raw_text, scrub, unfold
 from parse.limits import Budget
+from parse.tnef import TnefError, embedded_message_to_mime, is_tnef, read_tnef
 from shared.errors import PermanentError
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
@@ -31,6 +33,7 @@ _ENCODED_SEPARATOR = re.compile(r"%(?:2f|5c|00)", re.IGNORECASE)
 _MAX_FILENAME = 200
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 INNER_MESSAGE_TYPES = ("message/rfc822", "message/global")
+TNEF_TYPES = ("application/ms-tnef", "application/vnd.ms-tnef")
 
 
 @dataclass
@@ -258,6 +261,8 @@ def collect(message: Message, max_depth: int, defects: list[str],
                 content.text = leftover
             continue
         disposition = disposition_of(part)
+        if _is_tnef(leaf) and _add_tnef(leaf, content, defects):
+            continue
         if leaf.content_type in ("text/plain", "text/html") and disposition != "attachment":
             name = raw_filename(part, defects)
             if name is None:
@@ -270,6 +275,62 @@ def collect(message: Message, max_depth: int, defects: list[str],
                     continue
         content.attachments.append(_attachment_of(leaf, len(content.attachments) + 1, defects))
     return content
+
+
+def _is_tnef(leaf: Leaf) -> bool:
+    if leaf.content_type in TNEF_TYPES:
+        return True
+    name = raw_filename(leaf.part, [])
+    return name is not None and name.strip().lower() == "winmail.dat"
+
+
+def _add_tnef(leaf: Leaf, content: Content, defects: list[str]) -> bool:
+    """Put the attachments (and body) inside a winmail.dat in ``content``; False if unreadable.
+
+    The winmail.dat itself is kept only when the message has no other body than TNEF's
+    compressed RTF, which is not decompressed here, so nothing of the message is lost.
+    """
+    data = payload_bytes(leaf.part, defects)
+    try:
+        tnef = read_tnef(data)
+    except TnefError:
+        add_defect(defects, "tnef-unreadable")
+        return False
+    for defect in tnef.defects:
+        add_defect(defects, defect)
+    if content.text is None and tnef.text is not None:
+        content.text = scrub(tnef.text)
+    if content.html is None and tnef.html is not None:
+        content.html = scrub(tnef.html)
+    for attachment in tnef.attachments:
+        number = len(content.attachments) + 1
+        if attachment.embedded_message and is_tnef(attachment.data):
+            try:
+                inner = read_tnef(attachment.data)
+                item = embedded_message_to_mime(inner)
+            except Exception:  # a damaged embedded item: keep the others
+                add_defect(defects, "tnef-unreadable")
+                continue
+            name = f"{inner.subject}.eml" if (inner.subject or "").strip() else None
+            content.attachments.append(_attachment_from(item, name, "message/rfc822", number,
+                                                        defects))
+            continue
+        content_type = (attachment.mime_type or "application/octet-stream").strip().lower()
+        content.attachments.append(_attachment_from(attachment.data, attachment.name,
+                                                    content_type, number, defects))
+    if tnef.rtf_compressed is not None and content.text is None and content.html is None:
+        add_defect(defects, "tnef-rtf-body-not-decoded")
+        return False
+    return True
+
+
+def _attachment_from(data: bytes, declared: str | None, content_type: str, number: int,
+                     defects: list[str]) -> dict[str, Any]:
+    filename = sanitise_filename(declared, f"attachment-{number}")
+    if declared is not None and filename != declared:
+        add_defect(defects, "unsafe-filename")
+    return {"filename": filename, "content_type": scrub(content_type), "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "content": data}
 
 
 def _attachment_of(leaf: Leaf, number: int, defects: list[str]) -> dict[str, Any]:
