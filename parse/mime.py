@@ -4,9 +4,10 @@ Takes an ``email.message.Message`` parsed with ``policy=compat32`` (cheap: heade
 strings) and gives its text and HTML bodies and its attachments as plain data.  The walk
 never descends into an attached message (``message/*``): that is a leaf, an attachment of its
 own, or an inner email for the caller to unwrap.  A TNEF ``winmail.dat`` is opened: its
-attachments (and body, unless compressed RTF) take its place.  Payloads are decoded by us (base64 leniently,
-charsets with replacement characters); nothing here raises on bad content -- problems become
-short defect strings.  Nesting deeper than the limit raises PermanentError("nesting-too-deep").
+attachments (and body, unless compressed RTF) take its place.  Payloads are decoded by us
+(base64 leniently, charsets with replacement characters); nothing here raises on bad
+content -- problems become short defect strings.  Nesting deeper than the limit raises
+PermanentError("nesting-too-deep").
 """
 
 from __future__ import annotations

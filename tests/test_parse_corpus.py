@@ -87,3 +87,66 @@ def test_corpus_outcome_summary() -> None:
     assert direct_ok >= 0.99 * direct_total
     # SOURCES.md lists about 80 corpus messages carrying an attached message.
     assert OUTCOMES["forward:ok"] >= 80
+
+
+# -- the files SOURCES.md tags as forwarded are unwrapped --------------------------------------
+
+_FORWARD_TAGS = re.compile(r"(FWD-ATTACH|MSG-ATTACH|TNEF|EML-as-octet|RESENT)(?![-\w])")
+# Tagged files mailroute refuses on purpose, with the reason it gives.
+REFUSED_ON_PURPOSE = {
+    "flanker/enclosed-endless.eml": "too-many-parts",  # 3,041 parts, over limits.max_parts
+}
+# Tagged TNEF files that carry no message, only attachments: opened, nothing to unwrap.
+TNEF_WITHOUT_ORIGINAL = {"mimekit/tnef/ukr.eml"}
+FORWARD_OUTCOMES: Counter[str] = Counter()
+
+
+def tagged_forwarded() -> dict[str, set[str]]:
+    sources = CORPUS / "SOURCES.md"
+    if not sources.is_file():
+        return {}
+    block = sources.read_text(encoding="utf-8").split("```")[1]
+    tagged = {}
+    for line in block.splitlines():
+        fields = [field.strip() for field in line.split("|")]
+        tags = set(_FORWARD_TAGS.findall(fields[1])) if len(fields) > 1 else set()
+        if tags:
+            tagged[fields[0]] = tags
+    return tagged
+
+
+TAGGED = tagged_forwarded()
+
+
+@pytest.mark.parametrize("name", sorted(TAGGED))
+def test_tagged_forwarded_file_is_unwrapped(name: str) -> None:
+    raw = (CORPUS / name).read_bytes()
+    if name in REFUSED_ON_PURPOSE:
+        with pytest.raises(PermanentError) as caught:
+            parse_raw(raw, "forward", LimitSettings())
+        assert caught.value.reason == REFUSED_ON_PURPOSE[name]
+        FORWARD_OUTCOMES["refused-on-purpose"] += 1
+        return
+    if "TNEF" in TAGGED[name]:
+        [email] = parse_raw(raw, "direct", LimitSettings()).emails
+        names = [a["filename"] for a in email["attachments"]]
+        assert "winmail.dat" not in names or "tnef-rtf-body-not-decoded" in email["defects"]
+        FORWARD_OUTCOMES["tnef-opened"] += 1
+        if name in TNEF_WITHOUT_ORIGINAL:
+            return
+    result = parse_raw(raw, "forward", LimitSettings())
+    assert result.envelope["kind"] in ("wrapped", "redirected")
+    if "RESENT" in TAGGED[name]:
+        assert result.envelope["kind"] == "redirected"
+    FORWARD_OUTCOMES[f"unwrapped:{result.envelope['kind']}"] += 1
+    FORWARD_OUTCOMES["inner-messages"] += len(result.emails)
+
+
+def test_tagged_forwarded_summary() -> None:
+    if not FORWARD_OUTCOMES:
+        pytest.skip("per-file tests not run in this session")
+    print(f"\ntagged forwarded files: {len(TAGGED)}; outcomes:", dict(sorted(
+        FORWARD_OUTCOMES.items())))
+    assert len(TAGGED) >= 60
+    unwrapped = FORWARD_OUTCOMES["unwrapped:wrapped"] + FORWARD_OUTCOMES["unwrapped:redirected"]
+    assert unwrapped == len(TAGGED) - len(REFUSED_ON_PURPOSE) - len(TNEF_WITHOUT_ORIGINAL)
