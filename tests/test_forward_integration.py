@@ -117,10 +117,11 @@ def counts(engine: Engine) -> dict[str, int]:
     return {name: found[name] for name in ("emails", "deliveries", "queue_items")}
 
 
-def message(mid: str, to: list[str], cc: list[str] | None = None, **headers: str) -> bytes:
+def message(mid: str, to: list[str], cc: list[str] | None = None,
+            headers: dict[str, str] | None = None) -> bytes:
     raw = mailgen.message("customer@example.net", to, mid, f"body of {mid}",
                           message_id=f"<{mid}@example.net>", cc=cc)
-    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + raw
+    return "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode() + raw
 
 
 def test_forward_and_direct_mailboxes_on_two_servers(
@@ -137,12 +138,12 @@ def test_forward_and_direct_mailboxes_on_two_servers(
         forward_server.deliver("forward", mailgen.forward_envelope(
             f"{forwarder}@corp.example.com", FORWARD, shared))
     forward_server.deliver("forward", message(
-        "redirected", ["carol@corp.example.com"], **{"Resent-From": "carol@corp.example.com"}))
+        "redirected", ["carol@corp.example.com"], headers={"Resent-From": "carol@corp.example.com"}))
     forward_server.deliver("forward", mailgen.forward_envelope(
         "mallory@evil.example", FORWARD, message("spoofed", ["mallory@corp.example.com"])))
     forward_server.deliver("forward", mailgen.forward_envelope(
         "bob@corp.example.com", FORWARD,
-        message("auto-reply", ["bob@corp.example.com"], **{"Auto-Submitted": "auto-replied"})))
+        message("auto-reply", ["bob@corp.example.com"], headers={"Auto-Submitted": "auto-replied"})))
     forward_server.deliver("forward", mailgen.message(
         "bob@corp.example.com", [FORWARD], "no original", "I forgot the attachment",
         message_id="<no-original@corp.example.com>"))
