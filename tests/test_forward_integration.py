@@ -138,12 +138,14 @@ def test_forward_and_direct_mailboxes_on_two_servers(
         forward_server.deliver("forward", mailgen.forward_envelope(
             f"{forwarder}@corp.example.com", FORWARD, shared))
     forward_server.deliver("forward", message(
-        "redirected", ["carol@corp.example.com"], headers={"Resent-From": "carol@corp.example.com"}))
+        "redirected", ["carol@corp.example.com"],
+        headers={"Resent-From": "carol@corp.example.com"}))
     forward_server.deliver("forward", mailgen.forward_envelope(
         "mallory@evil.example", FORWARD, message("spoofed", ["mallory@corp.example.com"])))
     forward_server.deliver("forward", mailgen.forward_envelope(
         "bob@corp.example.com", FORWARD,
-        message("auto-reply", ["bob@corp.example.com"], headers={"Auto-Submitted": "auto-replied"})))
+        message("auto-reply", ["bob@corp.example.com"],
+                headers={"Auto-Submitted": "auto-replied"})))
     forward_server.deliver("forward", mailgen.message(
         "bob@corp.example.com", [FORWARD], "no original", "I forgot the attachment",
         message_id="<no-original@corp.example.com>"))
