@@ -7,6 +7,7 @@ ForwardPolicy, exactly as the parse and route stages do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email
 from datetime import UTC, datetime
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_hypothesis
+from hypothesis import strategies as st
 
 from parse.extract import parse_raw
 from parse.limits import Budget
@@ -336,3 +340,27 @@ def test_datetime_of_the_outlook_message_is_kept() -> None:
     [mail] = parse_raw(raw, "forward", LIMITS).emails
     assert isinstance(mail["date"], datetime) and mail["date"].tzinfo is not None
     assert mail["date"] < datetime.now(UTC)
+
+
+# -- the container readers never raise anything but their own error -------------------------
+
+@settings_hypothesis(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_damaged_tnef_and_msg_containers_fail_only_by_name(data: st.DataObject) -> None:
+    from parse.outlook import OutlookError, msg_to_mime
+    from parse.tnef import TnefError, read_tnef
+
+    name = data.draw(st.sampled_from(["christmas.tnef", "attachments.tnef", "winmail.tnef"]))
+    tnef = bytearray((CORPUS / "mimekit" / "tnef" / name).read_bytes())
+    for _ in range(data.draw(st.integers(1, 20))):
+        position = data.draw(st.integers(0, len(tnef) - 1))
+        tnef[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(tnef)))
+    with contextlib.suppress(TnefError):
+        read_tnef(bytes(tnef[:cut]))
+    msg = bytearray((CORPUS / "outlook-message-parser" / "simple sent.msg").read_bytes())
+    for _ in range(data.draw(st.integers(1, 20))):
+        position = data.draw(st.integers(0, len(msg) - 1))
+        msg[position] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(OutlookError):
+        msg_to_mime(bytes(msg))
