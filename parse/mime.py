@@ -281,6 +281,8 @@ def collect(message: Message, max_depth: int, defects: list[str],
 def _is_tnef(leaf: Leaf) -> bool:
     if leaf.content_type in TNEF_TYPES:
         return True
+    if leaf.content_type != "application/octet-stream":
+        return False
     name = raw_filename(leaf.part, [])
     return name is not None and name.strip().lower() == "winmail.dat"
 
