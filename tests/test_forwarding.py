@@ -364,3 +364,15 @@ def test_damaged_tnef_and_msg_containers_fail_only_by_name(data: st.DataObject) 
         msg[position] = data.draw(st.integers(0, 255))
     with contextlib.suppress(OutlookError):
         msg_to_mime(bytes(msg))
+
+
+def test_the_time_budget_holds_on_the_real_clock_for_a_many_part_message() -> None:
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % i
+                     for i in range(1500))
+    raw = (b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           + parts + b"--b--\r\n")
+    assert len(parse_raw(raw, "direct", LIMITS).emails) == 1
+    tight = dataclasses.replace(LIMITS, parse_seconds=0.000_001)
+    with pytest.raises(PermanentError) as caught:
+        parse_raw(raw, "direct", tight)
+    assert caught.value.reason == "parse-time-exceeded"
