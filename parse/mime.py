@@ -4,7 +4,7 @@ Takes an ``email.message.Message`` parsed with ``policy=compat32`` (cheap: heade
 strings) and gives its text and HTML bodies and its attachments as plain data.  The walk
 never descends into an attached message (``message/*``): that is a leaf, an attachment of its
 own, or an inner email for the caller to unwrap.  A TNEF ``winmail.dat`` is opened: its
-attachments (and body, unless compressed RTF) take its place.  Payloads are decoded by us
+attachments and body (compressed RTF as plain text) take its place.  Payloads are decoded by us
 (base64 leniently, charsets with replacement characters); nothing here raises on bad
 content -- problems become short defect strings.  Nesting deeper than the limit raises
 PermanentError("nesting-too-deep").
@@ -23,7 +23,8 @@ from typing import Any
 
 from parse.headers import add_defect, decode_bytes, decode_words, raw_text, scrub, unfold
 from parse.limits import Budget
-from parse.tnef import TnefError, embedded_message_to_mime, is_tnef, read_tnef
+from parse.rtf import rtf_to_text
+from parse.tnef import TnefError, decompress_rtf, embedded_message_to_mime, is_tnef, read_tnef
 from shared.errors import PermanentError
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
@@ -290,8 +291,8 @@ def _is_tnef(leaf: Leaf) -> bool:
 def _add_tnef(leaf: Leaf, content: Content, defects: list[str]) -> bool:
     """Put the attachments (and body) inside a winmail.dat in ``content``; False if unreadable.
 
-    The winmail.dat itself is kept only when the message has no other body than TNEF's
-    compressed RTF, which is not decompressed here, so nothing of the message is lost.
+    A compressed-RTF body becomes the text body when the message has no other (formatting
+    dropped); the winmail.dat itself is kept only when that RTF cannot be read.
     """
     data = payload_bytes(leaf.part, defects)
     try:
@@ -322,8 +323,12 @@ def _add_tnef(leaf: Leaf, content: Content, defects: list[str]) -> bool:
         content.attachments.append(_attachment_from(attachment.data, attachment.name,
                                                     content_type, number, defects))
     if tnef.rtf_compressed is not None and content.text is None and content.html is None:
-        add_defect(defects, "tnef-rtf-body-not-decoded")
-        return False
+        try:
+            content.text = scrub(rtf_to_text(decompress_rtf(tnef.rtf_compressed)))
+            add_defect(defects, "tnef-rtf-body-as-text")
+        except TnefError:
+            add_defect(defects, "tnef-rtf-body-not-decoded")
+            return False
     return True
 
 

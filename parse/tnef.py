@@ -2,7 +2,7 @@
 
 Takes the bytes of a TNEF stream; gives a :class:`Tnef`: the attachments it carries (name,
 data, and whether the attachment is itself a message) and the message body when it holds one
-(plain text or HTML; compressed RTF is not decompressed and is reported as ``body.rtf``).
+(plain text or HTML; :func:`decompress_rtf` opens a compressed RTF body, MS-OXRTFCP).
 Written here because the one maintained Python reader (tnefparse) is LGPL-3.0, which the
 Apache-2.0 project may not require.  Never raises on bad input: :func:`read_tnef` raises
 only :class:`TnefError` when the stream is not TNEF at all; a damaged stream gives what was
@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, formataddr
+
+from parse.rtf import rtf_to_text
 
 SIGNATURE = 0x223E9F78
 _LEVEL_ATTACHMENT = 2
@@ -255,6 +257,11 @@ def embedded_message_to_mime(tnef: Tnef) -> bytes:
         message.set_content(tnef.text)
     elif tnef.html is not None:
         message.set_content(tnef.html, subtype="html")
+    elif tnef.rtf_compressed is not None:
+        try:
+            message.set_content(rtf_to_text(decompress_rtf(tnef.rtf_compressed)))
+        except TnefError:
+            message.set_content("")
     else:
         message.set_content("")
     for attachment in tnef.attachments:
@@ -293,3 +300,54 @@ def _filetime(raw: object) -> datetime | None:
         return datetime(1601, 1, 1, tzinfo=UTC) + timedelta(microseconds=ticks // 10)
     except OverflowError:
         return None
+
+
+_RTF_PREBUFFER = (
+    b"{\\rtf1\\ansi\\mac\\deff0\\deftab720{\\fonttbl;}{\\f0\\fnil \\froman \\fswiss "
+    b"\\fmodern \\fscript \\fdecor MS Sans SerifSymbolArialTimes New RomanCourier"
+    b"{\\colortbl\\red0\\green0\\blue0\r\n\\par \\pard\\plain\\f0\\fs20\\b\\i\\u\\tab\\tx")
+_LZFU = 0x75465A4C
+_MELA = 0x414C454D
+_MAX_RTF = 64 * 1024 * 1024
+
+
+def decompress_rtf(data: bytes) -> bytes:
+    """The RTF of a PR_RTF_COMPRESSED value (MS-OXRTFCP: LZFu, or MELA = stored)."""
+    if len(data) < 16:
+        raise TnefError("compressed RTF shorter than its header")
+    compressed_size, raw_size, kind, _ = struct.unpack_from("<IIII", data)
+    body = data[16: 4 + compressed_size]
+    if kind == _MELA:
+        return body[:raw_size]
+    if kind != _LZFU or raw_size > _MAX_RTF:
+        raise TnefError("not LZFu-compressed RTF")
+    window = bytearray(4096)
+    window[: len(_RTF_PREBUFFER)] = _RTF_PREBUFFER
+    write = len(_RTF_PREBUFFER)
+    out = bytearray()
+    position = 0
+    while position < len(body) and len(out) < raw_size:
+        control = body[position]
+        position += 1
+        for bit in range(8):
+            if position >= len(body):
+                break
+            if not control >> bit & 1:
+                out.append(body[position])
+                window[write] = body[position]
+                write = (write + 1) % 4096
+                position += 1
+                continue
+            if position + 1 >= len(body):
+                break
+            token = body[position] << 8 | body[position + 1]
+            position += 2
+            offset, length = token >> 4, (token & 0xF) + 2
+            if offset == write:
+                return bytes(out[:raw_size])
+            for step in range(length):
+                byte = window[(offset + step) % 4096]
+                out.append(byte)
+                window[write] = byte
+                write = (write + 1) % 4096
+    return bytes(out[:raw_size])

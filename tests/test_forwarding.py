@@ -376,3 +376,23 @@ def test_the_time_budget_holds_on_the_real_clock_for_a_many_part_message() -> No
     with pytest.raises(PermanentError) as caught:
         parse_raw(raw, "direct", tight)
     assert caught.value.reason == "parse-time-exceeded"
+
+
+def test_a_compressed_rtf_body_in_tnef_becomes_text() -> None:
+    from parse.rtf import rtf_to_text
+    from parse.tnef import decompress_rtf, read_tnef
+
+    tnef = read_tnef((CORPUS / "mimekit" / "tnef" / "triples.tnef").read_bytes())
+    assert tnef.rtf_compressed is not None
+    rtf = decompress_rtf(tnef.rtf_compressed)
+    assert rtf.startswith(b"{\\rtf1")
+    assert rtf_to_text(rtf) == "Sample description\n"
+    note = mailgen.message("ann@example.org", ["bob@corp.example.com"], "rich", "")
+    outer = email.message_from_bytes(note, policy=SMTP)
+    outer.clear_content()
+    outer.add_attachment((CORPUS / "mimekit" / "tnef" / "rtf.tnef").read_bytes(),
+                         maintype="application", subtype="ms-tnef", filename="winmail.dat")
+    [mail] = parse_raw(outer.as_bytes(policy=SMTP), "direct", LIMITS).emails
+    assert "Greg Allen\nSenior Engineer" in mail["text"]
+    assert "tnef-rtf-body-as-text" in mail["defects"]
+    assert [a["filename"] for a in mail["attachments"]] == []
