@@ -2,10 +2,12 @@
 
 Takes a decoded ``raw`` document (``trace_id``, ``source``, ``raw`` bytes; see
 ``shared.schemas.RawSchema``) and gives ``Output("parsed", {trace_id, source, envelope,
-email})`` for the message itself (direct mailbox) or for each message attached to a forward
-envelope, all under the same ``trace_id`` with the envelope's ``index`` telling them apart.
+email})`` for the message itself (direct mailbox, or a message redirected to a forward
+mailbox) or for each message attached to a forward envelope, all under the same
+``trace_id`` with the envelope's ``index`` telling them apart.
 Fails with the :class:`~shared.errors.PermanentError` of :func:`parse.extract.parse_raw`
-(limits, ``invalid-forward-mail-item``, ``unparseable``); it has no other failure mode.
+(limits, ``parse-time-exceeded``, ``invalid-forward-mail-item``, ``unparseable``); it has
+no other failure mode.
 """
 
 from __future__ import annotations
