@@ -396,3 +396,17 @@ def test_a_compressed_rtf_body_in_tnef_becomes_text() -> None:
     assert "Greg Allen\nSenior Engineer" in mail["text"]
     assert "tnef-rtf-body-as-text" in mail["defects"]
     assert [a["filename"] for a in mail["attachments"]] == []
+
+
+def test_parsed_documents_without_the_new_envelope_fields_still_load() -> None:
+    from shared.schemas import Codec
+
+    codec = Codec()
+    old = documents.parsed()
+    decoded = codec.decode("parsed", codec.encode("parsed", old))
+    assert (decoded["envelope"]["headers"], decoded["envelope"]["chain"],
+            decoded["envelope"]["forwarder_header"]) == ({}, [], None)
+    redirected = {**old, "envelope": {**old["envelope"], "kind": "redirected",
+                                      "forwarder_header": "resent-from"}}
+    assert codec.decode("parsed", codec.encode("parsed", redirected))["envelope"]["kind"] == (
+        "redirected")
