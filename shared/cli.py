@@ -22,6 +22,7 @@ import click
 
 from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
 from shared.metrics import Metrics, MetricsServer
+from shared.queue_metrics import watch_queue_depths
 from shared.runtime import StageRunner
 from shared.settings import Settings
 from shared.topology import STAGES
@@ -141,6 +142,7 @@ def run(obj: Context) -> None:
     broker = Broker(settings.broker)
     connect_or_fail("broker", broker.declare)
     metrics = Metrics()
+    watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
     runners: list[StageRunner] = []
     with _stop_on_signals() as stop:
         for name in STAGES:
@@ -199,6 +201,7 @@ def worker(obj: Context, stage: str) -> None:
     needs_db = stage in ("ingest", "persist")
     engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
     metrics = Metrics()
+    watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
     with _stop_on_signals() as stop:
         if stage == "ingest":
             target = _ingest_target(settings, broker, engine, metrics, stop)
