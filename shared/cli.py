@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from shared.cli_dead import dead
 from shared.cli_replay import replay
 from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
 from shared.metrics import Metrics, MetricsServer
@@ -280,6 +281,7 @@ def _queue_depths(broker: Broker) -> dict[str, tuple[int, int]]:
 
 # -- command groups from their own shared/cli_*.py modules (one add_command line each) ----
 main.add_command(replay)
+main.add_command(dead)
 
 
 if __name__ == "__main__":  # pragma: no cover

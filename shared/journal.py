@@ -15,7 +15,9 @@ Fails with :class:`JournalError` (no journal, read stalled) or pika's connection
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +33,8 @@ MARKER_HEADER = "x-mailroute-journal-marker"
 # Stream timestamps are per chunk and the publishers' clocks differ a little: a time-based
 # start attaches this much earlier, and entries are then filtered by their own publish time.
 ATTACH_SLACK = timedelta(seconds=2)
+FIRST_ATTEMPTS = 4
+FIRST_STALL_SECONDS = 3.0
 
 
 class JournalError(Exception):
@@ -88,7 +92,7 @@ class JournalReader:
         self.close()
 
     def read(self, start: datetime | int | str, end_offset: int | None = None,
-             ) -> Iterator[JournalEntry]:
+             stall_seconds: float | None = None) -> Iterator[JournalEntry]:
         """Entries from ``start`` (a time, an offset, or "first") up to ``end_offset``
         (exclusive); without an end, until nothing arrives for the stall time."""
         channel = self._connection.channel()
@@ -96,15 +100,24 @@ class JournalReader:
         position: Any = start
         if isinstance(start, datetime):
             position = start - ATTACH_SLACK
+        arrived: deque[tuple[Any, Any, bytes]] = deque()
+        # basic_consume, not pika's consume() generator: cancelling the generator nacks what
+        # it holds, which a stream refuses by closing the connection.
+        channel.basic_consume(self.stream, lambda _c, m, p, b: arrived.append((m, p, b)),
+                              auto_ack=False, arguments={"x-stream-offset": position})
         try:
-            for method, properties, body in channel.consume(
-                    self.stream, arguments={"x-stream-offset": position},
-                    inactivity_timeout=self._stall):
-                if method is None:
-                    if end_offset is None:
-                        return
-                    raise JournalError(f"journal read stalled for {self._stall:g}s before "
-                                       f"offset {end_offset}")
+            stall = self._stall if stall_seconds is None else stall_seconds
+            while True:
+                deadline = time.monotonic() + stall
+                while not arrived:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        if end_offset is None:
+                            return
+                        raise JournalError(f"journal read stalled for {stall:g}s "
+                                           f"before offset {end_offset}")
+                    self._connection.process_data_events(time_limit=min(remaining, 1.0))
+                method, properties, body = arrived.popleft()
                 channel.basic_ack(method.delivery_tag)
                 headers = dict(properties.headers or {})
                 offset = int(headers.get("x-stream-offset", -1))
@@ -117,9 +130,14 @@ class JournalReader:
                 channel.close()
 
     def first_retained(self) -> JournalEntry | None:
-        """The oldest entry retention has kept, or None for an empty journal."""
-        for entry in self.read("first", None):
-            return entry
+        """The oldest entry retention has kept, or None for an empty journal.
+
+        RabbitMQ 3.10 sometimes delivers nothing to a reader attached at "first" while
+        retention is deleting that segment; attaching again a few seconds later works.
+        """
+        for _ in range(FIRST_ATTEMPTS):
+            for entry in self.read("first", None, stall_seconds=FIRST_STALL_SECONDS):
+                return entry
         return None
 
     def mark_end(self) -> tuple[str, datetime]:
