@@ -56,7 +56,7 @@ def exported_names() -> set[str]:
     """Every sample name this code can export, from the registry's metric families."""
     metrics = Metrics()
     metrics.watch(QueueDepthCollector(Topology(), lambda queues: {}))
-    names = set()
+    names: set[str] = set()
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
                                                                  "_created"),
                 "gauge": ("",), "unknown": ("",)}
@@ -251,7 +251,7 @@ def test_the_configuration_of_the_compose_deployment_loads() -> None:
 
 
 def kubernetes_documents() -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
         if path.name != "kustomization.yaml":
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
