@@ -4,8 +4,9 @@ Takes the stage, ``--since``/``--until`` (ISO 8601 times, UTC unless they say ot
 relative: ``2h``, ``30m``, ``7d`` ago) and optional ``--mailbox``, ``--message-id``,
 ``--user`` filters; publishes the matching journal entries to the stage's queue with a
 progress bar and prints what it did, or with ``--dry-run`` what persist would change.  The
-read position is saved in the database after every confirmed batch: the same command again
-resumes (``--restart`` starts over).  A range that retention has dropped is reported as a
+read position is saved in the database after every confirmed batch: the same request again
+(the same absolute times; an interrupted run prints its command) resumes, ``--restart``
+starts over.  A range that retention has dropped is reported as a
 gap.  Exit status 2 on a bad option or configuration, 1 when RabbitMQ or the database cannot
 be reached or there is no journal, 130 when interrupted (run it again to resume).
 """
@@ -13,6 +14,7 @@ be reached or there is no journal, 130 when interrupted (run it again to resume)
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -89,8 +91,8 @@ def replay(obj: Context, stage: str, since: str, until: str, mailbox: str | None
     try:
         report = replayer.run(request, dry_run=dry_run, restart=restart, progress=bar.update)
     except KeyboardInterrupt:
-        click.echo(f"\nreplay interrupted; its position is saved: run the same command again "
-                   f"to resume (key {request.key()})", err=True)
+        click.echo(f"\nreplay interrupted; its position is saved. Resume with:\n"
+                   f"  {resume_command(request)}", err=True)
         raise SystemExit(130) from None
     except JournalError as exc:
         raise click.ClickException(f"journal: {exc}") from exc
@@ -100,6 +102,17 @@ def replay(obj: Context, stage: str, since: str, until: str, mailbox: str | None
         if publisher is not None:
             publisher.close()
     _print_report(report, request, dry_run)
+
+
+def resume_command(request: Any) -> str:
+    """The command line that repeats ``request`` exactly (absolute times, same filters)."""
+    parts = ["mailroute", "replay", "--stage", request.stage,
+             "--since", request.since.isoformat(), "--until", request.until.isoformat()]
+    for option, value in (("--mailbox", request.mailbox), ("--message-id", request.message_id),
+                          ("--user", request.user)):
+        if value:
+            parts += [option, shlex.quote(value)]
+    return " ".join(parts)
 
 
 class _LazyBar:
@@ -141,3 +154,4 @@ def _print_report(report: Any, request: Any, dry_run: bool) -> None:
         return
     click.echo(f"replayed {report.published} message(s) to the {request.stage} queue "
                f"({report.scanned} journal entries read)")
+    click.echo(f"to run this exact replay again: {resume_command(request)} --restart")

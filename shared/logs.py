@@ -66,5 +66,5 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Quiet chatty libraries; imaplib/imapclient debug output can even show a LOGIN line.
-    for noisy in ("imapclient", "imaplib", "amqp", "kombu", "alembic"):
+    for noisy in ("imapclient", "imaplib", "amqp", "kombu", "alembic", "pika"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
