@@ -42,18 +42,17 @@ def dead() -> None:
 @click.pass_obj
 def list_dead(obj: Context, stage: str | None, limit: int) -> None:
     """List dead letters: id, stage, time, reason, attempts, trace id, mailbox/uid, subject."""
-    click.echo(f"{'ID':<12} {'STAGE':<8} {'FAILED AT':<26} {'REASON':<26} {'TRIES':>5}  "
-               f"{'TRACE':<32} MESSAGE")
-    total = 0
+    letters = []
     for name in [stage] if stage else list(STAGES):
         queue = _queue(obj, name)
-        letters = connect_or_fail("broker", functools.partial(queue.browse, limit))
-        for d in letters:
-            click.echo(f"{d.id:<12} {d.stage:<8} {d.failed_at[:26]:<26} {d.reason[:26]:<26} "
-                       f"{d.attempts if d.attempts is not None else '-':>5}  "
-                       f"{d.trace_id[:32]:<32} {d.summary()}")
-        total += len(letters)
-    click.echo(f"{total} dead letter(s)")
+        letters.extend(connect_or_fail("broker", functools.partial(queue.browse, limit)))
+    click.echo(f"{'ID':<12} {'STAGE':<8} {'FAILED AT':<26} {'REASON':<26} {'TRIES':>5}  "
+               f"{'TRACE':<32} MESSAGE")
+    for d in letters:
+        click.echo(f"{d.id:<12} {d.stage:<8} {d.failed_at[:26]:<26} {d.reason[:26]:<26} "
+                   f"{d.attempts if d.attempts is not None else '-':>5}  "
+                   f"{d.trace_id[:32]:<32} {d.summary()}")
+    click.echo(f"{len(letters)} dead letter(s)")
 
 
 @dead.command()

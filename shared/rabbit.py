@@ -1,7 +1,7 @@
 """pika connections for the RabbitMQ-specific tools (journal reads, queue inspection, dead letters).
 
 Takes the broker URL of the settings (kombu style: ``amqp://``, ``pyamqp://``, ``amqps://``);
-gives a ``pika.BlockingConnection``.  Fails with pika's own ``AMQPConnectionError`` (callers
+gives a ``pika.BlockingConnection``.  Fails with ``ConnectionError`` naming the host (callers
 turn it into a one-line message).  The stage workers never use pika: kombu is their transport.
 """
 
@@ -25,4 +25,9 @@ def connect_blocking(url: str, timeout: float = 10.0, heartbeat: int = 60) -> An
     parameters.blocked_connection_timeout = timeout * 6
     parameters.heartbeat = heartbeat
     parameters.connection_attempts = 1
-    return pika.BlockingConnection(parameters)
+    try:
+        return pika.BlockingConnection(parameters)
+    except pika.exceptions.AMQPConnectionError as exc:
+        cause = str(exc) or repr(exc.args[0] if exc.args else exc)
+        raise ConnectionError(f"cannot connect to RabbitMQ at {parameters.host}:"
+                              f"{parameters.port} ({type(exc).__name__}: {cause})") from exc
