@@ -96,6 +96,17 @@ class PassiveDeclareReader:
         self._connection: Any = None
 
     def __call__(self, queues: list[str]) -> Depths:
+        reused = self._connection is not None and self._connection.is_open
+        try:
+            return self._read(queues)
+        except Exception:
+            if not reused:
+                raise
+            # The kept connection may have been closed by the broker while no one scraped
+            # (missed heartbeats); one fresh attempt before reporting the broker down.
+            return self._read(queues)
+
+    def _read(self, queues: list[str]) -> Depths:
         from shared.rabbit import connect_blocking
 
         if self._connection is None or not self._connection.is_open:

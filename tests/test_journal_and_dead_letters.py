@@ -9,6 +9,7 @@ failed in, and purged.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,13 +23,15 @@ from persist.database import create_engine_for, upgrade
 from persist.replay_state import ReplayPositionStore
 from shared.dead_letters import DeadLetterQueue
 from shared.journal import JournalReader
+from shared.queue_metrics import PassiveDeclareReader
 from shared.replay import Replayer, ReplayRequest, Simulator
 from shared.schemas import Codec
 from shared.settings import BrokerSettings, JournalSettings, Settings
 from shared.stage import Output
 from shared.transport import Broker, Envelope
 from tests import documents
-from tests.broker_fixtures import Vhost, drain_queue
+from tests.broker_fixtures import Vhost, drain_queue, management
+from tests.processes import wait_for
 
 
 @pytest.fixture
@@ -189,3 +192,26 @@ def test_dead_letters_list_show_retry_and_purge(rabbit_vhost: Vhost) -> None:
     assert [d.id for d in queue.browse()] == [letters[2].id]
     assert len(queue.retry(None)) == 1
     assert queue.browse() == []
+
+
+def test_queue_depths_are_read_from_rabbitmq_and_survive_a_dropped_connection(
+        rabbit_vhost: Vhost) -> None:
+    settings = make_settings(rabbit_vhost)
+    broker = Broker(settings.broker)
+    broker.declare()
+    publish(broker, [Output("raw", documents.raw()) for _ in range(3)])
+    reader = PassiveDeclareReader(rabbit_vhost.url)
+    try:
+        depths = reader(["mail.parse", "mail.parse.dead", "no.such.queue"])
+        assert depths == {"mail.parse": (3, 0), "mail.parse.dead": (0, 0)}
+        # The broker drops the kept connection (as after missed heartbeats): the next read
+        # finds out and reconnects once instead of reporting the broker down.
+        vhost = urllib.parse.quote(rabbit_vhost.name, safe="")
+        wait_for(lambda: bool(management("GET", f"/api/vhosts/{vhost}/connections")),
+                 "the management API to list the connection")
+        for connection in management("GET", f"/api/vhosts/{vhost}/connections"):
+            management("DELETE", "/api/connections/" + urllib.parse.quote(connection["name"],
+                                                                           safe=""))
+        assert reader(["mail.parse"]) == {"mail.parse": (3, 0)}
+    finally:
+        reader.close()
