@@ -15,6 +15,7 @@ Fails with :class:`JournalError` (no journal, read stalled) or pika's connection
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import deque
@@ -29,10 +30,13 @@ from shared.rabbit import connect_blocking
 from shared.topology import Topology
 from shared.transport import PUBLISHED_MS_HEADER
 
+log = logging.getLogger(__name__)
+
 MARKER_HEADER = "x-mailroute-journal-marker"
 # Stream timestamps are per chunk and the publishers' clocks differ a little: a time-based
 # start attaches this much earlier, and entries are then filtered by their own publish time.
 ATTACH_SLACK = timedelta(seconds=2)
+MARKER_SEARCH_BACK = timedelta(minutes=10)
 FIRST_ATTEMPTS = 4
 FIRST_STALL_SECONDS = 3.0
 
@@ -69,9 +73,10 @@ class JournalReader:
         self._topology = topology
         self._prefetch = prefetch
         self._stall = stall_seconds
+        self._url = url
         self._connection = connect_blocking(url)
         self.stream = topology.journal_name
-        channel = self._connection.channel()
+        channel = self._channel()
         try:
             channel.queue_declare(self.stream, passive=True)
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -81,9 +86,18 @@ class JournalReader:
             if channel.is_open:
                 channel.close()
 
+    def _channel(self) -> Any:
+        """A new channel, on a new connection if the last read's end closed the old one."""
+        if not self._connection.is_open:
+            self._connection = connect_blocking(self._url)
+        return self._connection.channel()
+
     def close(self) -> None:
         if self._connection.is_open:
-            self._connection.close()
+            try:
+                self._connection.close()
+            except Exception:  # closing after an interrupted read may fail in any way
+                log.debug("closing the journal connection failed", exc_info=True)
 
     def __enter__(self) -> JournalReader:
         return self
@@ -95,7 +109,7 @@ class JournalReader:
              stall_seconds: float | None = None) -> Iterator[JournalEntry]:
         """Entries from ``start`` (a time, an offset, or "first") up to ``end_offset``
         (exclusive); without an end, until nothing arrives for the stall time."""
-        channel = self._connection.channel()
+        channel = self._channel()
         channel.basic_qos(prefetch_count=self._prefetch)
         position: Any = start
         if isinstance(start, datetime):
@@ -126,8 +140,7 @@ class JournalReader:
                 yield JournalEntry(offset, method.routing_key, published_at(headers),
                                    headers, bytes(body))
         finally:
-            if channel.is_open:
-                channel.close()
+            _end_stream_read(channel)
 
     def first_retained(self) -> JournalEntry | None:
         """The oldest entry retention has kept, or None for an empty journal.
@@ -144,7 +157,7 @@ class JournalReader:
         """Append an end marker to the journal (confirmed); gives its id and time."""
         marker = uuid.uuid4().hex
         now = datetime.now(UTC)
-        channel = self._connection.channel()
+        channel = self._channel()
         try:
             channel.confirm_delivery()
             channel.basic_publish(
@@ -158,8 +171,30 @@ class JournalReader:
         return marker, now
 
     def end_offset(self, marker: str, marked_at: datetime) -> int:
-        """The offset of the end marker ``marker`` appended at ``marked_at``."""
-        for entry in self.read(marked_at, None):
-            if entry.headers.get(MARKER_HEADER) == marker:
-                return entry.offset
+        """The offset of the end marker ``marker`` appended at ``marked_at``.
+
+        The search attaches a little before ``marked_at`` (stream timestamps are the broker's
+        clock); if that missed the marker (clocks more than a few seconds apart), it looks
+        again from well before.
+        """
+        for slack, stall in ((timedelta(0), 10.0), (MARKER_SEARCH_BACK, self._stall)):
+            for entry in self.read(marked_at - slack, None, stall_seconds=stall):
+                if entry.headers.get(MARKER_HEADER) == marker:
+                    return entry.offset
+                if entry.published_at is not None and \
+                        entry.published_at > marked_at + MARKER_SEARCH_BACK:
+                    break  # attached after the marker: reading live traffic now
         raise JournalError(f"end marker {marker} not found in the journal")
+
+
+def _end_stream_read(channel: Any) -> None:
+    """Close a stream consumer's channel.  pika rejects the deliveries it holds but has not
+    handed over yet when it cancels a consumer, and RabbitMQ answers a reject on a stream by
+    closing the connection (540 NOT_IMPLEMENTED).  Nothing is lost by that -- a stream
+    reader's position is its own -- so the closed connection is replaced on the next read."""
+    try:
+        if channel.is_open:
+            channel.close()
+    except pika.exceptions.AMQPError as exc:
+        log.debug("journal read ended with the connection closed (%s); reconnecting on the "
+                  "next read", exc)

@@ -7,7 +7,8 @@ message is published ``mandatory``, so an unroutable one comes back instead of v
 Fails with :class:`~shared.errors.TransientError` when any message is nacked, returned, or not
 confirmed within ``confirm_timeout``; the caller has then acked nothing and advanced nothing,
 so a retry can only duplicate, never lose.  The connection is dropped on such a failure and
-made again on the next publish.
+made again on the next publish.  Every message gets its publish time in the header
+``x-mailroute-published-ms`` (the journal's time axis for ``mailroute replay``).
 
 kombu's ``memory://`` transport (the embedded default) has no confirms; a publish there is
 done when the call returns.  Publishing and consuming use separate connections (kombu
@@ -35,9 +36,9 @@ from shared.topology import Topology, apply_delivery_limit_policy
 
 log = logging.getLogger(__name__)
 
-# Exceptions that mean "the connection or channel is gone"; the runtime reconnects on them.
 # Wall-clock publish time in ms: the journal's time axis for `mailroute replay --since/--until`.
 PUBLISHED_MS_HEADER = "x-mailroute-published-ms"
+# Exceptions that mean "the connection or channel is gone"; the runtime reconnects on them.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError)
 
 

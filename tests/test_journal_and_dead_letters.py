@@ -215,3 +215,18 @@ def test_queue_depths_are_read_from_rabbitmq_and_survive_a_dropped_connection(
         assert reader(["mail.parse"]) == {"mail.parse": (3, 0)}
     finally:
         reader.close()
+
+
+def test_reads_that_stop_early_leave_the_reader_usable(rabbit_vhost: Vhost) -> None:
+    """Stopping a stream read with deliveries in flight makes pika reject them, which the
+    broker answers by closing the connection; the reader must carry on regardless."""
+    broker = Broker(make_settings(rabbit_vhost).broker)
+    broker.declare()
+    for _ in range(2):
+        publish(broker, [Output("raw", documents.raw(b"y" * 2000)) for _ in range(100)])
+    with JournalReader(rabbit_vhost.url, broker.topology) as reader:
+        for _ in range(3):
+            first = reader.first_retained()
+            assert first is not None and first.offset == 0
+            marker, at = reader.mark_end()
+            assert reader.end_offset(marker, at) > 0
