@@ -8,6 +8,9 @@
 #     API on 127.0.0.1:15672 is waited for.
 #   - PostgreSQL: installed and started when nothing listens on 127.0.0.1:5432, with trust
 #     authentication for the user postgres from 127.0.0.1.
+#   - Prometheus (Debian's prometheus, for promtool and the scrape test): installed only; the
+#     tests start their own on free ports, so a system Prometheus the install started (and
+#     that would hold port 9090) is stopped and disabled again.
 #
 # Idempotent and quiet when everything is there; prints what it installs or starts.  Every wait
 # has a timeout (SETUP_TIMEOUT seconds, default 120) and fails naming the service.
@@ -213,6 +216,31 @@ setup_postgresql() {
         || die "PostgreSQL runs on 127.0.0.1:5432 but the user postgres cannot log in without a password"
 }
 
+# --- Prometheus ------------------------------------------------------------------------------
+
+# Stops a Prometheus started from the system configuration, never one of the tests' instances
+# (they run with their own --config.file in a temporary folder).
+stop_system_prometheus() {
+    if command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+    local pid args
+    for pid in $(pgrep -x prometheus 2>/dev/null || true); do
+        args="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+        if [[ " $args " == *"--config.file="* && " $args " != *"--config.file=/etc/prometheus/"* ]]; then
+            continue
+        fi
+        log "stopping the system Prometheus (pid $pid) that the package started"
+        kill "$pid" 2>/dev/null || true
+    done
+}
+
+setup_prometheus() {
+    if apt_install prometheus; then
+        stop_system_prometheus
+    fi
+}
+
 main() {
     case "${1:-}" in
         "") ;;
@@ -220,6 +248,7 @@ main() {
         *) usage >&2; die "unknown argument: $1" ;;
     esac
     setup_dovecot
+    setup_prometheus
     setup_rabbitmq
     setup_postgresql
 }

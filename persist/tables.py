@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -99,6 +100,7 @@ class Tables:
     deliveries: Table
     queue_items: Table
     mailbox_state: Table
+    replay_positions: Table
 
 
 def build_tables() -> Tables:
@@ -198,6 +200,18 @@ def build_tables() -> Tables:
         Column("messages_fetched", BigInteger, nullable=False),
         _one_of("status", MAILBOX_STATUSES, "status"),
     )
+    # Where each `mailroute replay` run has got to in the journal, so an interrupted run
+    # resumes; the key is a hash of the stage, time range and filters.
+    replay_positions = Table(
+        "replay_positions", metadata,
+        Column("key", String, primary_key=True),
+        Column("stage", String, nullable=False),
+        Column("request", JSON, nullable=False),
+        Column("last_offset", BigInteger),
+        Column("replayed", BigInteger, nullable=False),
+        Column("done", Boolean, nullable=False),
+        Column("updated_at", UtcDateTime, nullable=False),
+    )
     return Tables(
         metadata=metadata,
         emails=emails,
@@ -207,4 +221,5 @@ def build_tables() -> Tables:
         deliveries=deliveries,
         queue_items=queue_items,
         mailbox_state=mailbox_state,
+        replay_positions=replay_positions,
     )

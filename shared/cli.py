@@ -20,9 +20,12 @@ from typing import Any
 
 import click
 
+from shared.cli_dead import dead
 from shared.cli_parse import parse_command
+from shared.cli_replay import replay
 from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
 from shared.metrics import Metrics, MetricsServer
+from shared.queue_metrics import watch_queue_depths
 from shared.runtime import StageRunner
 from shared.settings import Settings
 from shared.topology import STAGES
@@ -143,6 +146,7 @@ def run(obj: Context) -> None:
     broker = Broker(settings.broker)
     connect_or_fail("broker", broker.declare)
     metrics = Metrics()
+    watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
     runners: list[StageRunner] = []
     with _stop_on_signals() as stop:
         for name in STAGES:
@@ -201,6 +205,7 @@ def worker(obj: Context, stage: str) -> None:
     needs_db = stage in ("ingest", "persist")
     engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
     metrics = Metrics()
+    watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
     with _stop_on_signals() as stop:
         if stage == "ingest":
             target = _ingest_target(settings, broker, engine, metrics, stop)
@@ -278,6 +283,8 @@ def _queue_depths(broker: Broker) -> dict[str, tuple[int, int]]:
 
 # -- command groups from their own shared/cli_*.py modules (one add_command line each) ----
 main.add_command(parse_command)
+main.add_command(replay)
+main.add_command(dead)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,6 +57,20 @@ class Metrics:
         self.ready = Gauge(
             "mailroute_stage_ready", "1 while the stage is connected and consuming",
             ["stage"], registry=r)
+        # Set by ingest's mailbox fleet: 1 for the mailbox's current status, 0 for the others
+        # (not_run, success, failing, disabled).
+        self.mailbox_status = Gauge(
+            "mailroute_mailbox_status", "1 for the mailbox's current status, else 0",
+            ["mailbox", "status"], registry=r)
+        # A message the pipeline deliberately leaves without a record (no one may receive it,
+        # a loop, quarantined): counted by the stage that decided it, with the reason.
+        self.messages_untracked = Counter(
+            "mailroute_messages_untracked", "Messages left without a record, by reason",
+            ["stage", "reason"], registry=r)
+
+    def watch(self, collector: Any) -> None:
+        """Register a custom collector (queue depths) with this process's registry."""
+        self.registry.register(collector)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -36,7 +36,7 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from shared.errors import PermanentError, TransientError
-from shared.logs import one_line
+from shared.logs import one_line, traced
 from shared.metrics import Metrics
 from shared.schemas import Codec
 from shared.settings import RetrySettings, Settings
@@ -86,6 +86,9 @@ class StageRunner:
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"{stage.name}-handler")
         self._ready_gauge = metrics.ready.labels(stage=stage.name)
+        # Series exist from the start at 0, so "nothing processed for hours" can be alerted on.
+        for counter in (metrics.messages_in, metrics.messages_out, metrics.messages_retried):
+            counter.labels(stage=stage.name)
         self._ready = False
         self._consumed_since_connect = False
 
@@ -194,14 +197,18 @@ class StageRunner:
         publisher.publish_envelopes(envelopes)
         self._ack(batch)
         for message, result in zip(batch, results, strict=True):
+            trace = _header(message, "x-mailroute-trace")
             if isinstance(result, Handled):
                 self.metrics.messages_out.labels(stage=self.stage.name).inc(len(result.outputs))
+                log.info("%s: handled, %d output(s)", self.stage.name, len(result.outputs),
+                         extra=traced(trace, stage=self.stage.name, outcome="handled"))
             else:
                 self.metrics.messages_dead.labels(stage=self.stage.name,
                                                   reason=result.reason).inc()
                 log.warning("%s: dead-lettered %s: %s: %s", self.stage.name,
-                            _header(message, "x-mailroute-trace") or "?", result.reason,
-                            one_line(result.detail))
+                            trace or "?", result.reason, one_line(result.detail),
+                            extra=traced(trace, stage=self.stage.name, outcome="dead-lettered",
+                                         reason=result.reason))
 
     def _ack(self, batch: list[Message]) -> None:
         """Ack the whole batch; on AMQP with one frame (every earlier delivery is acked)."""
@@ -289,18 +296,20 @@ class StageRunner:
             except PermanentError as exc:
                 return Dead(exc.reason, exc.detail)
             except TransientError as exc:
-                self._wait_before_retry(attempt, exc)
+                self._wait_before_retry(attempt, exc, document.get("trace_id"))
             except Exception as exc:
                 if attempt >= self.settings.retry.attempts:
-                    log.exception("%s: handler failed %d times", self.stage.name, attempt)
+                    log.exception("%s: handler failed %d times", self.stage.name, attempt,
+                                  extra=traced(document.get("trace_id"), stage=self.stage.name))
                     return Dead("handler-error", f"{type(exc).__name__}: {exc}")
-                self._wait_before_retry(attempt, exc)
+                self._wait_before_retry(attempt, exc, document.get("trace_id"))
 
-    def _wait_before_retry(self, attempt: int, exc: BaseException) -> None:
+    def _wait_before_retry(self, attempt: int, exc: BaseException,
+                           trace: str | None = None) -> None:
         self.metrics.messages_retried.labels(stage=self.stage.name).inc()
         delay = backoff_delay(self.settings.retry, attempt, self._rng)
         log.warning("%s: attempt %d failed (%s); retrying in %.2fs", self.stage.name, attempt,
-                    one_line(str(exc)), delay)
+                    one_line(str(exc)), delay, extra=traced(trace, stage=self.stage.name))
         if self.stop.wait(delay):
             raise Stopping()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -36,6 +37,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class JournalSettings:
+    """The journal: a RabbitMQ stream that keeps every hop's output for ``mailroute replay``.
+
+    Retention is whichever limit is reached first; the broker drops whole segments, so the
+    oldest ``segment_size_bytes`` go at once.  These are queue arguments, fixed when the
+    stream is first declared: change them on a running broker with a policy (``max-age``,
+    ``max-length-bytes``), see README "Operations".
+    """
+
+    enabled: bool = True
+    max_age: str = "7D"  # x-max-age: a number and one of Y M D h m s
+    max_length_bytes: int = 20 * 1024**3
+    segment_size_bytes: int = 100 * 1024**2
+
+
+@dataclass(frozen=True)
 class BrokerSettings:
     url: str = "memory://"
     prefix: str = "mail"
@@ -44,6 +61,7 @@ class BrokerSettings:
     heartbeat: int = 30
     delivery_limit: int = 5
     management_url: str = "http://127.0.0.1:15672"
+    journal: JournalSettings = JournalSettings()
 
 
 @dataclass(frozen=True)
@@ -266,6 +284,13 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 def _validate(settings: Settings) -> None:
+    journal = settings.broker.journal
+    if not re.fullmatch(r"[1-9][0-9]*[YMDhms]", journal.max_age):
+        raise ConfigError(f"broker.journal.max_age: {journal.max_age!r} is not a number "
+                          "followed by one of Y M D h m s (e.g. 7D)")
+    if journal.max_length_bytes <= 0 or journal.segment_size_bytes <= 0:
+        raise ConfigError("broker.journal: max_length_bytes and segment_size_bytes must be "
+                          "positive")
     names = [b.name for b in settings.mailboxes]
     for name in {n for n in names if names.count(n) > 1}:
         raise ConfigError(f"mailboxes: the name {name!r} is used twice")

@@ -7,7 +7,8 @@ message is published ``mandatory``, so an unroutable one comes back instead of v
 Fails with :class:`~shared.errors.TransientError` when any message is nacked, returned, or not
 confirmed within ``confirm_timeout``; the caller has then acked nothing and advanced nothing,
 so a retry can only duplicate, never lose.  The connection is dropped on such a failure and
-made again on the next publish.
+made again on the next publish.  Every message gets its publish time in the header
+``x-mailroute-published-ms`` (the journal's time axis for ``mailroute replay``).
 
 kombu's ``memory://`` transport (the embedded default) has no confirms; a publish there is
 done when the call returns.  Publishing and consuming use separate connections (kombu
@@ -27,6 +28,7 @@ from typing import Any
 from kombu import Connection
 
 from shared.errors import TransientError
+from shared.logs import traced
 from shared.schemas import Codec
 from shared.settings import BrokerSettings
 from shared.stage import Output
@@ -34,6 +36,8 @@ from shared.topology import Topology, apply_delivery_limit_policy
 
 log = logging.getLogger(__name__)
 
+# Wall-clock publish time in ms: the journal's time axis for `mailroute replay --since/--until`.
+PUBLISHED_MS_HEADER = "x-mailroute-published-ms"
 # Exceptions that mean "the connection or channel is gone"; the runtime reconnects on them.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError)
 
@@ -81,7 +85,9 @@ class Broker:
     def declare(self) -> None:
         """Declare exchanges and queues and set the delivery-limit policy (idempotent)."""
         with self.connect() as connection:
-            self.topology.declare(connection)
+            # The in-process transport has no streams: the embedded default has no journal.
+            self.topology.declare(connection,
+                                  None if self.is_memory else self.settings.journal)
         if not self.is_memory:
             apply_delivery_limit_policy(self.topology, self.settings.url,
                                         self.settings.management_url,
@@ -166,12 +172,18 @@ class Publisher:
                 headers: Mapping[str, Any] | None = None) -> None:
         """Encode stage outputs and publish them all to their stage queues, confirmed."""
         topology = self._broker.topology
-        self.publish_envelopes([
+        envelopes = [
             Envelope(self._codec.encode(out.edge, out.document), topology.exchange_name,
                      topology.queue_for_edge(out.edge),
                      {**(headers or {}), "x-mailroute-trace": out.document.get("trace_id", "")})
             for out in outputs
-        ])
+        ]
+        self.publish_envelopes(envelopes)
+        for out in outputs:  # ingest's outputs: the first line of each email's trace
+            source = out.document.get("source") or {}
+            log.info("published %s to %s", out.edge, topology.queue_for_edge(out.edge),
+                     extra=traced(out.document.get("trace_id"), edge=out.edge,
+                                  mailbox=source.get("mailbox"), uid=source.get("uid")))
 
     def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
@@ -183,6 +195,7 @@ class Publisher:
             self._ensure()
             channel = self._channel
             tags = []
+            published_ms = int(time.time() * 1000)
             for envelope in envelopes:
                 tag = self._next_tag
                 self._next_tag += 1
@@ -191,7 +204,8 @@ class Publisher:
                 # per-call serializer, compression and declaration work we do not need.
                 message = channel.prepare_message(
                     envelope.body, 0, "application/json", "utf-8",
-                    {**envelope.headers, "x-mailroute-publish-tag": tag}, {"delivery_mode": 2})
+                    {**envelope.headers, "x-mailroute-publish-tag": tag,
+                     PUBLISHED_MS_HEADER: published_ms}, {"delivery_mode": 2})
                 channel.basic_publish(message, exchange=envelope.exchange,
                                       routing_key=envelope.routing_key, mandatory=True,
                                       timeout=self._broker.settings.confirm_timeout)
