@@ -73,6 +73,8 @@ class AttachmentSchema(Schema):
     size = fields.Integer(required=True)
     sha256 = fields.String(required=True)
     content = Base64Bytes(required=True)
+    # route's attachment policy: stored, blocked-extension or too-large (content then empty)
+    status = fields.String(load_default="stored")
 
 
 class EmailSchema(Schema):
@@ -126,6 +128,9 @@ class DeliverySchema(Schema):
     mailbox = fields.String(required=True)
     method = fields.String(required=True, validate=validate.OneOf(["direct", "forward"]))
     evidence = fields.Dict(keys=fields.String(), load_default=dict)
+    tracked = fields.Boolean(load_default=True)
+    untracked_reason = fields.String(allow_none=True, load_default=None)
+    rule = fields.String(allow_none=True, load_default=None)  # the record creation rule fired
 
 
 class RoutedSchema(_Versioned):
@@ -134,6 +139,9 @@ class RoutedSchema(_Versioned):
     email = fields.Nested(EmailSchema, required=True)
     deliveries = fields.List(fields.Nested(DeliverySchema), required=True,
                              validate=validate.Length(min=1))
+    # route.threading.Correlation.document and route.router.Router._records
+    correlation = fields.Dict(keys=fields.String(), load_default=dict)
+    records = fields.Dict(keys=fields.String(), load_default=dict)
 
 
 class Codec:
