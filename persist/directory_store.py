@@ -194,7 +194,7 @@ class DirectoryStore:
             select(t.accounts.c.id).where(t.accounts.c.name == name)).scalar()
         if account_id is None:
             account_id = connection.execute(t.accounts.insert().values(
-                name=name, source=source, created_at=self._clock())).inserted_primary_key[0]
+                name=name, source=source, created_at=self._clock())).inserted_primary_key[0]  # type: ignore[index]
         values = [("address", _address(a, f"account {name}")) for a in addresses]
         values += [("domain", d.strip().lower().lstrip("@")) for d in domains if d.strip()]
         for kind, value in values:
@@ -232,7 +232,7 @@ class DirectoryStore:
         else:
             contact_id = connection.execute(t.contacts.insert().values(
                 name=name.strip() or keys[0], account_id=account_id, source=source,
-                created_at=self._clock())).inserted_primary_key[0]
+                created_at=self._clock())).inserted_primary_key[0]  # type: ignore[index]
         for key in keys:
             if key not in owners:
                 connection.execute(t.contact_addresses.insert().values(

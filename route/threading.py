@@ -26,7 +26,7 @@ from shared.settings import ThreadingSettings
 # Reply and forward prefixes in the languages Outlook and common clients write.
 _PREFIX = re.compile(
     r"^\s*(?:(?:re|fw|fwd|aw|wg|sv|vs|antw|antwort|r|rif|tr|enc|res|odp|vl|ynt|ref)"
-    r"(?:\[\d+\])?\s*[:：]\s*)+", re.IGNORECASE)
+    r"(?:\[\d+\])?\s*[:\uff1a]\s*)+", re.IGNORECASE)
 _LIST_TAG = re.compile(r"^\s*\[[^\]]{1,40}\]\s*")
 THREAD_INDEX_HEADER_BYTES = 22  # FILETIME (6) + GUID (16); each reply appends 5 bytes
 
