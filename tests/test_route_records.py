@@ -7,6 +7,7 @@ Messages come from ../shared/corpus (parsed by the parse stage) or are built wit
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -62,7 +63,7 @@ def settings(track: str = "all", queue_track: str = "all",
 
 def build(sender: str = "carol@customer.example", subject: str = "Order 17",
           body: str = "hello", headers: dict[str, str] | None = None,
-          attachments: list[tuple[str, bytes]] = (), to: str = "ann@corp.example") -> bytes:
+          attachments: Sequence[tuple[str, bytes]] = (), to: str = "ann@corp.example") -> bytes:
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = to
