@@ -210,7 +210,7 @@ class DirectoryStore:
     def _add_contact(self, connection: Connection, name: str, addresses: Iterable[str],
                      account: str | None, source: str) -> int:
         t = self._tables
-        keys = [_address(a, f"contact {name}") for a in addresses]
+        keys = list(dict.fromkeys(_address(a, f"contact {name}") for a in addresses))
         if not keys:
             raise DirectoryError(f"contact {name}: needs at least one address")
         account_id = None
