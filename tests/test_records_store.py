@@ -122,7 +122,7 @@ def test_conversation_threads_into_one_case(db_engine: Engine) -> None:
     store = run.store
     first = run(mail("m1@c"))
     reply = run(mail("m2@c", subject="RE: Order 17", reply_to="m1@c"))
-    token = run(mail("m3@c", subject="RE: Order 17 [CRM:%07d]" % reply))
+    token = run(mail("m3@c", subject=f"RE: Order 17 [CRM:{reply:07d}]"))
     smart = run(mail("m4@c", subject="AW: order 17"))
     stranger = run(mail("m5@c", sender="zed@else.example", subject="Re: Order 17"))
     rows = {i: email_row(store, i) for i in (first, reply, token, smart, stranger)}
@@ -166,6 +166,10 @@ def test_reply_routed_before_its_parent_is_committed_is_linked_by_persist(
     assert (row["correlation_method"], row["correlation"]["resolved_by"]) == (
         "in-reply-to", "persist")
     assert row["tracked"] is False
+    [grandchild_id] = run.save(grandchild)
+    row = email_row(run.store, grandchild_id)
+    assert (row["correlation_method"], row["parent_email_id"]) == ("in-reply-to", child_id)
+    assert row["thread_id"] == email_row(run.store, child_id)["thread_id"]
 
 
 def test_replies_mode_is_promoted_when_persist_finds_a_tracked_parent(
