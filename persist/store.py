@@ -209,9 +209,13 @@ class EmailStore:
         if parties:
             refs = resolve_parties(connection, tables, {
                 a for row in parties if (a := strict_address(row["address"]))})
+            internal = {address: kind for item in new_items
+                        for address, kind in (item.records.get("principals") or {}).items()}
             for row in parties:
-                ref = refs.get(strict_address(row["address"]) or "")
-                row["resolution"] = ref.kind if ref else "unresolved"
+                address = strict_address(row["address"]) or ""
+                ref = refs.get(address)
+                row["resolution"] = (ref.kind if ref else internal.get(address)
+                                     or "unresolved")
                 row["contact_id"] = ref.id if ref and ref.kind == "contact" else None
                 row["account_id"] = (ref.id if ref and ref.kind == "account"
                                      else ref.account_id if ref else None)
@@ -302,17 +306,24 @@ class EmailStore:
                       new_keys: set[str], now: datetime) -> None:
         """Cases and links of tracked emails; unknown senders as contacts when configured."""
         tables = self._tables
-        done: set[int] = set()
-        for item in prepared:
-            if item.email_id in done or not any(d["tracked"] for d in item.deliveries):
+        linked: set[int] = set()
+        written: set[int] = set()  # emails whose row this batch wrote from its first document
+        for item in prepared:  # every document: another recipient may bring another rule
+            first = item.dedup_key in new_keys and item.email_id not in written
+            written.add(item.email_id)
+            if not any(d["tracked"] for d in item.deliveries):
                 continue
-            done.add(item.email_id)
-            if item.dedup_key not in new_keys:
+            if not first:
                 connection.execute(update(tables.emails).where(
                     tables.emails.c.id == item.email_id, tables.emails.c.tracked.is_(False)
                 ).values(tracked=True))
+                if item.records.get("rule"):
+                    connection.execute(update(tables.emails).where(
+                        tables.emails.c.id == item.email_id, tables.emails.c.rule.is_(None)
+                    ).values(rule=item.records["rule"]))
             self._case_for(connection, item, now)
-            if item.dedup_key in new_keys:
+            if item.dedup_key in new_keys and item.email_id not in linked:
+                linked.add(item.email_id)
                 self._link_parties(connection, item)
 
     def _case_for(self, connection: Connection, item: _Prepared, now: datetime) -> None:

@@ -130,6 +130,9 @@ class Directory:
                 return self._parties[key]
         return self._account_domains.get(domain_of(address))
 
-    def is_internal(self, address: str) -> bool:
+    def principal_by_address(self, address: str) -> Principal | None:
         keys = address_keys(address)
-        return any(p.address in keys for p in self._principals)
+        return next((p for p in self._principals if p.address in keys), None)
+
+    def is_internal(self, address: str) -> bool:
+        return self.principal_by_address(address) is not None

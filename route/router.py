@@ -142,8 +142,20 @@ class Router:
         if sender_known is None:
             notes.append("sender-missing-or-ambiguous")
         records = self._records(fired, correlation, email, notes, auto_reply)
+        records["principals"] = self._principal_parties(email)
         return Decision(email={**email, "attachments": attachments}, deliveries=deliveries,
                         correlation=correlation.document(facts), records=records)
+
+    def _principal_parties(self, email: dict[str, Any]) -> dict[str, str]:
+        """The email's addresses that are users or queues (persist marks those parties)."""
+        found: dict[str, str] = {}
+        for key in ("from_", "to", "cc", "reply_to"):
+            for item in email.get(key) or []:
+                address = strict_address(item.get("address", ""))
+                principal = self.directory.principal_by_address(address) if address else None
+                if principal is not None and address is not None:
+                    found[address] = principal.kind
+        return found
 
     def _sender_known(self, email: dict[str, Any]) -> bool | None:
         """True for a configured or stored contact/account; None if missing or ambiguous."""

@@ -95,8 +95,9 @@ def show_email(obj: Context, email_id: int) -> None:
             f"priority {case['priority'] or '-'} owner {case['owner'] or '-'} "
             f"rule {case['rule']}")
     for party in store.resolved_parties_for(email_id):
-        target = (f"contact {party['contact_id']}" if party["contact_id"] else "") + (
-            f" account {party['account_id']}" if party["account_id"] else "")
+        target = " ".join(
+            [f"contact {party['contact_id']}"] * bool(party["contact_id"])
+            + [f"account {party['account_id']}"] * bool(party["account_id"]))
         out(f"  {party['role']:<12} {party['address']} {party['name']!r} "
             f"{party['resolution'] or 'unresolved'} {target}".rstrip())
     for attachment in store.attachments_for(email_id):

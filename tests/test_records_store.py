@@ -337,3 +337,23 @@ def test_old_routed_documents_without_records_still_store(db_engine: Engine) -> 
     row = email_row(store, result.email_id)
     assert (row["tracked"], row["correlation_method"], row["thread_id"]) == (
         True, "none", result.email_id)
+
+
+def test_one_email_to_a_user_and_the_queue_in_one_batch(db_engine: Engine) -> None:
+    run = Pipeline(db_engine, config())
+    raw = mail("both@c", to="ann@corp.example", headers={"Cc": "support@corp.example"})
+    email_id, same = run.save(run.route(raw, "ann"), run.route(raw, "support"))
+    assert email_id == same
+    deliveries = {d["principal"]: d["rule"] for d in run.store.deliveries_for(email_id)}
+    assert deliveries == {"ann": None, "support": "support case"}
+    [item] = run.store.queue_items_for(email_id)
+    assert (item["queue"], item["rule"], item["priority"]) == (
+        "support", "support case", "normal")
+    [case] = run.store.cases_for(email_id)
+    assert case["rule"] == "support case"
+    row = email_row(run.store, email_id)
+    assert row["rule"] == "support case"
+    resolution = {p["address"]: p["resolution"]
+                  for p in run.store.resolved_parties_for(email_id)}
+    assert resolution == {"carol@customer.example": "contact", "ann@corp.example": "user",
+                          "support@corp.example": "queue"}
