@@ -7,6 +7,7 @@ Messages come from ../shared/corpus (parsed by the parse stage) or are built wit
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -387,3 +388,25 @@ def test_routed_document_with_records_satisfies_the_schema() -> None:
     assert routed["records"]["case"] == "create"
     assert routed["email"]["attachments"][0]["status"] == "blocked-extension"
     assert routed["correlation"]["method"] == "none"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"rules": [{"name": "r", "when": {"subject": "("}}]}, "rules.r.when.subject: bad regular"),
+    ({"rules": [{"name": "r", "when": {"queue": "nope"}}]}, "rules.r.when.queue: no queue"),
+    ({"rules": [{"name": "r", "then": {"explode": True}}]}, "unknown key(s) explode"),
+    ({"threading": {"token_format": "[CRM]"}}, "threading.token_format"),
+    ({"contacts": [{"name": "c", "account": "none"}]}, "contacts.c.account"),
+    ({"users": [{"name": "u", "address": "u@x.example", "mailbox": "m", "track": "some"}]},
+     "users[0].track: 'some' is not one of"),
+])
+def test_records_settings_are_checked_at_load(tmp_path: Any, extra: dict[str, Any],
+                                              message: str) -> None:
+    import yaml
+
+    from shared.settings import ConfigError, load_settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "mailboxes": [{"name": "m", "kind": "maildir", "path": "x"}], **extra}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(path)
