@@ -73,8 +73,9 @@ class AttachmentSchema(Schema):
     size = fields.Integer(required=True)
     sha256 = fields.String(required=True)
     content = Base64Bytes(required=True)
-    # route's attachment policy: stored, blocked-extension or too-large (content then empty)
-    status = fields.String(load_default="stored")
+    # Set by route's attachment policy: stored, blocked-extension or too-large (then the
+    # content is empty).  No default, so parsed documents keep their exact shape.
+    status = fields.String()
 
 
 class EmailSchema(Schema):
