@@ -4,12 +4,16 @@ Takes an engine; gives stored emails by Message-ID, id (the tracking token), Out
 conversation root and normalised subject with a shared participant, each with its thread,
 the thread's case and whether it was tracked, and the contact or account of an address.
 Sees only committed rows (see ``route.history`` for what that means for replies racing
-their parent).  Fails with ``TransientError`` when the database is unreachable.
+their parent).  Contact and account lookups are cached for ``party_cache_seconds`` (a
+contact added from the CLI counts as known to route at most that much later; persist
+resolves parties afresh at save time).  Fails with ``TransientError`` when the database is
+unreachable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -51,10 +55,17 @@ def known_by_message_ids(connection: Connection, tables: Tables,
     return [found[m] for m in message_ids if m in found]
 
 
+PARTY_CACHE_ENTRIES = 10_000
+
+
 class SqlHistory:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, party_cache_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._engine = engine
         self._tables = build_tables()
+        self._party_ttl = party_cache_seconds
+        self._clock = clock
+        self._parties: dict[str, tuple[float, PartyMatch | None]] = {}
 
     def _one(self, condition: Any) -> KnownEmail | None:
         query = known_email_query(self._tables).where(condition) \
@@ -82,7 +93,15 @@ class SqlHistory:
                          & (emails.c.first_seen_at >= since) & shares.exists())
 
     def party(self, address: str) -> PartyMatch | None:
+        now = self._clock()
+        cached = self._parties.get(address)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         with translate_errors(), self._engine.connect() as connection:
             found = resolve_parties(connection, self._tables, [address]).get(address)
-        return None if found is None else PartyMatch(
+        match = None if found is None else PartyMatch(
             "contact" if found.kind == "contact" else "account", found.name, "database")
+        if len(self._parties) >= PARTY_CACHE_ENTRIES:
+            self._parties.clear()
+        self._parties[address] = (now + self._party_ttl, match)
+        return match

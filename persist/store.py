@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -260,29 +260,41 @@ class EmailStore:
         could not see (not committed yet) is looked up again here, where this transaction
         also sees the batch's own emails."""
         emails = self._tables.emails
-        done: set[int] = set()
+        threads: dict[int, int] = {}  # email id -> thread id, for parents in this batch
+        updates: list[dict[str, Any]] = []
+        links: list[dict[str, Any]] = []
         for item in new_items:
-            if item.email_id in done:
+            if item.email_id in threads:
                 continue
-            done.add(item.email_id)
             correlation = item.correlation
             if correlation.get("parent_email_id") is None and correlation.get("candidates"):
-                self._resolve_late(connection, item)
+                self._resolve_late(connection, item, threads)
             parent_id = correlation.get("parent_email_id")
             thread_id = correlation.get("thread_id")
+            threads[item.email_id] = item.email_id if thread_id is None else int(thread_id)
             method = correlation.get("method") or "none"
-            connection.execute(update(emails).where(emails.c.id == item.email_id).values(
-                thread_id=item.email_id if thread_id is None else thread_id,
-                parent_email_id=parent_id,
-                correlation_method=method if method in CORRELATION_METHODS else "none",
-                correlation=correlation,
-                tracked=any(d["tracked"] for d in item.deliveries)))
+            updates.append({
+                "b_id": item.email_id, "b_thread": threads[item.email_id],
+                "b_parent": parent_id,
+                "b_method": method if method in CORRELATION_METHODS else "none",
+                "b_correlation": correlation,
+                "b_tracked": any(d["tracked"] for d in item.deliveries)})
             if parent_id is not None and parent_id != item.email_id:
-                connection.execute(self._insert(connection, self._tables.links), [{
-                    "email_id": item.email_id, "target_kind": "email", "target_id": parent_id,
-                    "method": method}])
+                links.append({"email_id": item.email_id, "target_kind": "email",
+                              "target_id": parent_id, "method": method})
+        if updates:
+            connection.execute(
+                update(emails).where(emails.c.id == bindparam("b_id")).values(
+                    thread_id=bindparam("b_thread"), parent_email_id=bindparam("b_parent"),
+                    correlation_method=bindparam("b_method"),
+                    correlation=bindparam("b_correlation", type_=emails.c.correlation.type),
+                    tracked=bindparam("b_tracked")),
+                updates)
+        if links:
+            connection.execute(self._insert(connection, self._tables.links), links)
 
-    def _resolve_late(self, connection: Connection, item: _Prepared) -> None:
+    def _resolve_late(self, connection: Connection, item: _Prepared,
+                      threads: dict[int, int]) -> None:
         correlation = item.correlation
         candidates = [str(m) for m in correlation["candidates"]]
         found = [k for k in known_by_message_ids(connection, self._tables, candidates)
@@ -293,7 +305,8 @@ class EmailStore:
         direct = parent.message_id == item.email.get("in_reply_to")
         correlation.update(method="in-reply-to" if direct else "references",
                            parent_email_id=parent.email_id,
-                           parent_message_id=parent.message_id, thread_id=parent.thread_id,
+                           parent_message_id=parent.message_id,
+                           thread_id=threads.get(parent.email_id, parent.thread_id),
                            case_id=parent.case_id, parent_tracked=parent.tracked,
                            resolved_by="persist")
         if not parent.tracked:
@@ -306,7 +319,8 @@ class EmailStore:
                       new_keys: set[str], now: datetime) -> None:
         """Cases and links of tracked emails; unknown senders as contacts when configured."""
         tables = self._tables
-        linked: set[int] = set()
+        linked: list[int] = []
+        case_links: list[dict[str, Any]] = []
         written: set[int] = set()  # emails whose row this batch wrote from its first document
         for item in prepared:  # every document: another recipient may bring another rule
             first = item.dedup_key in new_keys and item.email_id not in written
@@ -321,12 +335,19 @@ class EmailStore:
                     connection.execute(update(tables.emails).where(
                         tables.emails.c.id == item.email_id, tables.emails.c.rule.is_(None)
                     ).values(rule=item.records["rule"]))
-            self._case_for(connection, item, now)
+            case_link = self._case_for(connection, item, now)
+            if case_link is not None:
+                case_links.append(case_link)
             if item.dedup_key in new_keys and item.email_id not in linked:
-                linked.add(item.email_id)
-                self._link_parties(connection, item)
+                linked.append(item.email_id)
+        if case_links:
+            connection.execute(self._insert(connection, tables.links), case_links)
+        if linked:
+            self._link_parties(connection, linked)
 
-    def _case_for(self, connection: Connection, item: _Prepared, now: datetime) -> None:
+    def _case_for(self, connection: Connection, item: _Prepared,
+                  now: datetime) -> dict[str, Any] | None:
+        """Create the case the rule asks for; gives the email's link to its case, if any."""
         records, cases = item.records, self._tables.cases
         case_id = None
         method = "thread"
@@ -335,29 +356,27 @@ class EmailStore:
         elif records.get("link_case") and item.correlation.get("case_id") is not None:
             case_id = item.correlation["case_id"]  # the parent was found by persist
         elif records.get("case") == "create":
-            thread_id = connection.execute(
-                select(func.coalesce(self._tables.emails.c.thread_id,
-                                     self._tables.emails.c.id))
-                .where(self._tables.emails.c.id == item.email_id)).scalar_one()
-            connection.execute(self._insert(connection, cases), [{
-                "title": (records.get("title") or item.email["subject"] or "(no subject)")[:500],
-                "state": "open", "priority": records.get("priority"),
-                "owner": records.get("owner"), "queue": records.get("queue"),
-                "rule": records.get("rule") or "", "created_from_email_id": item.email_id,
-                "thread_id": thread_id, "created_at": now}])
-            case_id = connection.execute(select(cases.c.id).where(
-                cases.c.created_from_email_id == item.email_id)).scalar_one()
+            case_id = connection.execute(self._insert(connection, cases).values(
+                title=(records.get("title") or item.email["subject"] or "(no subject)")[:500],
+                state="open", priority=records.get("priority"), owner=records.get("owner"),
+                queue=records.get("queue"), rule=records.get("rule") or "",
+                created_from_email_id=item.email_id,
+                thread_id=item.correlation.get("thread_id") or item.email_id, created_at=now,
+            ).returning(cases.c.id)).scalar()
+            if case_id is None:  # created by an earlier delivery of this email
+                case_id = connection.execute(select(cases.c.id).where(
+                    cases.c.created_from_email_id == item.email_id)).scalar_one()
             method = "created"
-        if case_id is not None:
-            connection.execute(self._insert(connection, self._tables.links), [{
-                "email_id": item.email_id, "target_kind": "case", "target_id": int(case_id),
-                "method": method}])
+        if case_id is None:
+            return None
+        return {"email_id": item.email_id, "target_kind": "case", "target_id": int(case_id),
+                "method": method}
 
-    def _link_parties(self, connection: Connection, item: _Prepared) -> None:
+    def _link_parties(self, connection: Connection, email_ids: list[int]) -> None:
         parties, tables = self._tables.parties, self._tables
         rows = connection.execute(select(parties).where(
-            parties.c.email_id == item.email_id).order_by(parties.c.id)).all()
-        links: dict[tuple[str, int], str] = {}
+            parties.c.email_id.in_(email_ids)).order_by(parties.c.id)).all()
+        links: dict[tuple[int, str, int], str] = {}
         for row in rows:
             contact_id, account_id = row.contact_id, row.account_id
             if (row.role == "from" and row.resolution == "unresolved"
@@ -367,15 +386,15 @@ class EmailStore:
                 contact_id = ref.id
                 connection.execute(update(parties).where(parties.c.id == row.id).values(
                     resolution="contact", contact_id=ref.id))
-                links.setdefault(("contact", ref.id), "created-from-sender")
+                links.setdefault((row.email_id, "contact", ref.id), "created-from-sender")
             if contact_id is not None:
-                links.setdefault(("contact", int(contact_id)), row.role)
+                links.setdefault((row.email_id, "contact", int(contact_id)), row.role)
             if account_id is not None:
-                links.setdefault(("account", int(account_id)), row.role)
+                links.setdefault((row.email_id, "account", int(account_id)), row.role)
         if links:
             connection.execute(self._insert(connection, tables.links), [
-                {"email_id": item.email_id, "target_kind": kind, "target_id": target,
-                 "method": method} for (kind, target), method in sorted(links.items())])
+                {"email_id": email_id, "target_kind": kind, "target_id": target,
+                 "method": method} for (email_id, kind, target), method in sorted(links.items())])
 
     # -- reading --------------------------------------------------------------------------
 

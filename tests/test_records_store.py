@@ -357,3 +357,14 @@ def test_one_email_to_a_user_and_the_queue_in_one_batch(db_engine: Engine) -> No
                   for p in run.store.resolved_parties_for(email_id)}
     assert resolution == {"carol@customer.example": "contact", "ann@corp.example": "user",
                           "support@corp.example": "queue"}
+
+
+def test_party_lookups_are_cached_for_a_while(db_engine: Engine) -> None:
+    now = [0.0]
+    history = SqlHistory(db_engine, party_cache_seconds=30, clock=lambda: now[0])
+    assert history.party("gil@new.example") is None
+    DirectoryStore(db_engine).add_contact("Gil", ["gil@new.example"])
+    assert history.party("gil@new.example") is None  # still the cached answer
+    now[0] = 31.0
+    match = history.party("gil@new.example")
+    assert match is not None and (match.kind, match.name) == ("contact", "Gil")
