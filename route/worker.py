@@ -24,7 +24,8 @@ class RouteStage:
     name = "route"
     input_edge: Edge = "parsed"
 
-    def __init__(self, router: Router | Directory, metrics: Metrics | None = None) -> None:
+    def __init__(self, router: Router | Directory, *, metrics: Metrics | None = None
+                 ) -> None:
         # A bare Directory (older callers) routes with default settings and no history.
         self.router = router if isinstance(router, Router) else Router(Settings(), router)
         self.directory = self.router.directory

@@ -61,7 +61,7 @@ def _build_consumer_stage(name: str, settings: Settings, engine: Any,
         from route.router import Router
         from route.worker import RouteStage
 
-        return RouteStage(Router(settings, history=SqlHistory(engine)), metrics)
+        return RouteStage(Router(settings, history=SqlHistory(engine)), metrics=metrics)
     from persist.blobs import blob_store_for
     from persist.directory_store import DirectoryStore
     from persist.store import EmailStore

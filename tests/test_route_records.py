@@ -181,7 +181,7 @@ def test_track_replies_only_follows_tracked_parents() -> None:
 
 def test_route_stage_counts_untracked_mail_by_reason() -> None:
     metrics = Metrics()
-    stage = RouteStage(Router(settings("none")), metrics)
+    stage = RouteStage(Router(settings("none")), metrics=metrics)
     stage.handle(parsed(build()))
     assert metrics.registry.get_sample_value(
         "mailroute_route_untracked_total", {"reason": "tracking-off"}) == 1
