@@ -30,7 +30,7 @@ ENV_PREFIX = "MAILROUTE_"
 AfterAction = Literal["keep", "seen", "move", "delete"]
 MailboxKind = Literal["imap", "maildir"]
 TlsMode = Literal["ssl", "starttls", "none"]
-TrackMode = Literal["all", "replies", "contacts", "none"]
+TRACK_MODES = ("all", "replies", "contacts", "none")
 SenderCondition = Literal["any", "known", "unknown"]
 ThreadCondition = Literal["any", "new", "existing", "with-case", "without-case"]
 DEFAULT_BLOCKED_EXTENSIONS = (
@@ -127,7 +127,7 @@ class PrincipalSettings:
     forward: str | None = None
     # Which of its mail becomes records: all; only replies to tracked mail; only mail from
     # known contacts or accounts; none (untracked mail is still recorded, marked and counted).
-    track: TrackMode = "all"
+    track: str = "all"  # one of TRACK_MODES (a plain str, checked by load_settings)
 
 
 @dataclass(frozen=True)
@@ -365,6 +365,9 @@ def _validate(settings: Settings) -> None:
             if p.address.lower() in seen:
                 raise ConfigError(f"{where}.address: {p.address} is used by another user or queue")
             seen.add(p.address.lower())
+            if p.track not in TRACK_MODES:
+                raise ConfigError(f"{where}.track: {p.track!r} is not one of "
+                                  f"{', '.join(TRACK_MODES)}")
             if p.mailbox is not None:
                 own = by_name.get(p.mailbox)
                 if own is None or own.forward:

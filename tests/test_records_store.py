@@ -54,7 +54,7 @@ def config(ann_track: str = "all", create_contacts: bool = False) -> Settings:
         mailboxes=(MailboxSettings(name="ann", kind="maildir", path="/a"),
                    MailboxSettings(name="support", kind="maildir", path="/s")),
         users=(PrincipalSettings(name="ann", address="ann@corp.example", mailbox="ann",
-                                 track=ann_track),),  # type: ignore[arg-type]
+                                 track=ann_track),),
         queues=(PrincipalSettings(name="support", address="support@corp.example",
                                   mailbox="support"),),
         contacts=(ContactSettings(name="Carol", addresses=("carol@customer.example",)),),

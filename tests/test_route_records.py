@@ -54,9 +54,9 @@ def settings(track: str = "all", queue_track: str = "all",
         mailboxes=(MailboxSettings(name="ann", kind="maildir", path="/a"),
                    MailboxSettings(name="support", kind="maildir", path="/s")),
         users=(PrincipalSettings(name="ann", address="ann@corp.example", mailbox="ann",
-                                 track=track),),  # type: ignore[arg-type]
+                                 track=track),),
         queues=(PrincipalSettings(name="support", address="support@corp.example",
-                                  mailbox="support", track=queue_track),),  # type: ignore[arg-type]
+                                  mailbox="support", track=queue_track),),
         contacts=(ContactSettings(name="Carol", addresses=("carol@customer.example",)),),
         accounts=(AccountSettings(name="Acme", domains=("acme.example",)),),
         rules=rules, **extra)
@@ -397,7 +397,7 @@ def test_routed_document_with_records_satisfies_the_schema() -> None:
     ({"threading": {"token_format": "[CRM]"}}, "threading.token_format"),
     ({"contacts": [{"name": "c", "account": "none"}]}, "contacts.c.account"),
     ({"users": [{"name": "u", "address": "u@x.example", "mailbox": "m", "track": "some"}]},
-     "users[0].track: 'some' is not one of"),
+     "users.u.track: 'some' is not one of"),
 ])
 def test_records_settings_are_checked_at_load(tmp_path: Any, extra: dict[str, Any],
                                               message: str) -> None:
