@@ -109,6 +109,7 @@ clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf "$(DEMO_DIR)" var/mailroute.db var/mailroute.db-journal var/mailroute.db-wal var/mailroute.db-shm
+	rm -rf var/attachments
 
 distclean: clean
 	rm -rf "$(VENV)"

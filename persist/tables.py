@@ -29,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -37,6 +38,14 @@ PRINCIPAL_KINDS = ("user", "queue")
 DELIVERY_METHODS = ("direct", "forward")
 QUEUE_ITEM_STATES = ("active",)
 MAILBOX_STATUSES = ("not-run", "success", "failing", "disabled")
+CORRELATION_METHODS = ("token", "in-reply-to", "references", "thread-index", "smart", "none")
+PARTY_RESOLUTIONS = ("user", "queue", "contact", "account", "unresolved")
+ATTACHMENT_STATUSES = ("stored", "blocked-extension", "too-large")
+CONTENT_STORAGES = ("database", "filesystem")
+DIRECTORY_SOURCES = ("config", "cli", "csv", "auto")
+ACCOUNT_ADDRESS_KINDS = ("address", "domain")
+LINK_TARGETS = ("email", "case", "contact", "account")
+CASE_STATES = ("open",)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -83,6 +92,12 @@ def _email_fk() -> Column[int]:
                   ForeignKey("emails.id", ondelete="CASCADE"), nullable=False)
 
 
+def _fk(name: str, target: str, nullable: bool = True, ondelete: str | None = None
+        ) -> Column[int]:
+    return Column(name, BigInteger().with_variant(Integer(), "sqlite"),
+                  ForeignKey(target, ondelete=ondelete), nullable=nullable)
+
+
 def _one_of(column: str, values: tuple[str, ...], name: str) -> CheckConstraint:
     quoted = ", ".join(f"'{v}'" for v in values)
     return CheckConstraint(f"{column} IN ({quoted})", name=name)
@@ -101,6 +116,12 @@ class Tables:
     queue_items: Table
     mailbox_state: Table
     replay_positions: Table
+    accounts: Table
+    account_addresses: Table
+    contacts: Table
+    contact_addresses: Table
+    cases: Table
+    links: Table
 
 
 def build_tables() -> Tables:
@@ -122,9 +143,22 @@ def build_tables() -> Tables:
         Column("defects", JSON, nullable=False),
         Column("trace_id", String, nullable=False),
         Column("first_seen_at", UtcDateTime, nullable=False),
+        # Threading (route/threading.py): the thread is the id of its first email.
+        Column("thread_id", BigInteger().with_variant(Integer(), "sqlite")),
+        Column("parent_email_id", BigInteger().with_variant(Integer(), "sqlite")),
+        Column("correlation_method", String),
+        Column("correlation", JSON),
+        Column("subject_key", Text),
+        Column("thread_index_root", String),
+        Column("tracked", Boolean, nullable=False, server_default=true()),
+        Column("rule", String),
+        Column("notes", JSON),
         UniqueConstraint("dedup_key"),
         Index(None, "message_id"),
         Index(None, "first_seen_at"),
+        Index(None, "thread_id"),
+        Index(None, "subject_key"),
+        Index(None, "thread_index_root"),
     )
     parties = Table(
         "parties", metadata,
@@ -133,6 +167,9 @@ def build_tables() -> Tables:
         Column("role", String, nullable=False),
         Column("address", Text, nullable=False),
         Column("name", Text, nullable=False),
+        Column("resolution", String),
+        _fk("contact_id", "contacts.id", ondelete="SET NULL"),
+        _fk("account_id", "accounts.id", ondelete="SET NULL"),
         UniqueConstraint("email_id", "role", "address"),
         _one_of("role", PARTY_ROLES, "role"),
         Index(None, "address"),
@@ -141,16 +178,21 @@ def build_tables() -> Tables:
         "attachment_contents", metadata,
         Column("sha256", String, primary_key=True),
         Column("size", BigInteger, nullable=False),
-        Column("content", LargeBinary, nullable=False),
+        Column("content", LargeBinary),  # NULL when the content lives in the file store
+        Column("storage", String, nullable=False, server_default="database"),
+        _one_of("storage", CONTENT_STORAGES, "storage"),
     )
     attachments = Table(
         "attachments", metadata,
         _id_column(),
         _email_fk(),
-        Column("sha256", String, ForeignKey("attachment_contents.sha256"), nullable=False),
+        # No foreign key to attachment_contents: a refused attachment has no content row.
+        Column("sha256", String, nullable=False),
         Column("filename", Text, nullable=False),
         Column("content_type", String, nullable=False),
         Column("size", BigInteger, nullable=False),
+        Column("status", String, nullable=False, server_default="stored"),
+        _one_of("status", ATTACHMENT_STATUSES, "status"),
         UniqueConstraint("email_id", "sha256", "filename"),
         Index(None, "sha256"),
     )
@@ -170,6 +212,9 @@ def build_tables() -> Tables:
         Column("source_uid", String, nullable=False),
         Column("trace_id", String, nullable=False),
         Column("created_at", UtcDateTime, nullable=False),
+        Column("tracked", Boolean, nullable=False, server_default=true()),
+        Column("untracked_reason", String),
+        Column("rule", String),
         UniqueConstraint("email_id", "principal_kind", "principal"),
         _one_of("principal_kind", PRINCIPAL_KINDS, "principal_kind"),
         _one_of("method", DELIVERY_METHODS, "method"),
@@ -182,6 +227,9 @@ def build_tables() -> Tables:
         Column("queue", String, nullable=False),
         Column("state", String, nullable=False),
         Column("created_at", UtcDateTime, nullable=False),
+        Column("priority", String),
+        Column("owner", String),
+        Column("rule", String),
         UniqueConstraint("email_id", "queue"),
         _one_of("state", QUEUE_ITEM_STATES, "state"),
         Index(None, "queue", "state", "created_at"),
@@ -212,6 +260,34 @@ def build_tables() -> Tables:
         Column("done", Boolean, nullable=False),
         Column("updated_at", UtcDateTime, nullable=False),
     )
+    accounts, account_addresses, contacts, contact_addresses = _directory_tables(metadata)
+    cases = Table(
+        "cases", metadata,
+        _id_column(),
+        Column("title", Text, nullable=False),
+        Column("state", String, nullable=False),
+        Column("priority", String),
+        Column("owner", String),
+        Column("queue", String),
+        Column("rule", String, nullable=False),
+        _fk("created_from_email_id", "emails.id", nullable=False, ondelete="CASCADE"),
+        Column("thread_id", BigInteger().with_variant(Integer(), "sqlite")),
+        Column("created_at", UtcDateTime, nullable=False),
+        UniqueConstraint("created_from_email_id"),
+        _one_of("state", CASE_STATES, "state"),
+        Index(None, "thread_id"),
+    )
+    links = Table(
+        "links", metadata,
+        _id_column(),
+        _email_fk(),
+        Column("target_kind", String, nullable=False),
+        Column("target_id", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
+        Column("method", String, nullable=False),
+        UniqueConstraint("email_id", "target_kind", "target_id"),
+        _one_of("target_kind", LINK_TARGETS, "target_kind"),
+        Index(None, "target_kind", "target_id"),
+    )
     return Tables(
         metadata=metadata,
         emails=emails,
@@ -222,4 +298,47 @@ def build_tables() -> Tables:
         queue_items=queue_items,
         mailbox_state=mailbox_state,
         replay_positions=replay_positions,
+        accounts=accounts,
+        account_addresses=account_addresses,
+        contacts=contacts,
+        contact_addresses=contact_addresses,
+        cases=cases,
+        links=links,
     )
+
+
+def _directory_tables(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
+    """Accounts and contacts edited at runtime (CLI, CSV, auto-created), plus config copies."""
+    accounts = Table(
+        "accounts", metadata,
+        _id_column(),
+        Column("name", Text, nullable=False),
+        Column("source", String, nullable=False),
+        Column("created_at", UtcDateTime, nullable=False),
+        UniqueConstraint("name"),
+        _one_of("source", DIRECTORY_SOURCES, "source"),
+    )
+    account_addresses = Table(
+        "account_addresses", metadata,
+        Column("value", Text, primary_key=True),  # an address, or a domain
+        Column("kind", String, nullable=False),
+        _fk("account_id", "accounts.id", nullable=False, ondelete="CASCADE"),
+        _one_of("kind", ACCOUNT_ADDRESS_KINDS, "kind"),
+        Index(None, "account_id"),
+    )
+    contacts = Table(
+        "contacts", metadata,
+        _id_column(),
+        Column("name", Text, nullable=False),
+        _fk("account_id", "accounts.id", ondelete="SET NULL"),
+        Column("source", String, nullable=False),
+        Column("created_at", UtcDateTime, nullable=False),
+        _one_of("source", DIRECTORY_SOURCES, "source"),
+    )
+    contact_addresses = Table(
+        "contact_addresses", metadata,
+        Column("address", Text, primary_key=True),
+        _fk("contact_id", "contacts.id", nullable=False, ondelete="CASCADE"),
+        Index(None, "contact_id"),
+    )
+    return accounts, account_addresses, contacts, contact_addresses

@@ -1,8 +1,11 @@
-"""The route stage: a parsed email in, the same email with its deliveries out.
+"""The route stage: a parsed email in, the same email with its deliveries and records out.
 
-Takes parsed documents; gives one routed document each.  Routing decisions are the pure
-function ``route.router.route``; a message no one may receive is a ``PermanentError`` with
-the reason, which the runtime dead-letters.
+Takes parsed documents; gives one routed document each.  The decisions are
+``route.router.Router.decide`` (pure apart from read-only lookups of stored mail through
+``route.history.History``); a message no one may receive is a ``PermanentError`` with the
+reason, which the runtime dead-letters; a lookup that cannot reach the database is a
+``TransientError`` (retried).  Each untracked delivery is counted in
+``mailroute_route_untracked_total{reason}``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from typing import Any
 
 from route.directory import Directory
 from route.forwarding import ForwardPolicy
-from route.router import route
+from route.router import Router
+from shared.metrics import Metrics
 from shared.schemas import Edge
+from shared.settings import Settings
 from shared.stage import Output
 
 
@@ -20,16 +25,27 @@ class RouteStage:
     name = "route"
     input_edge: Edge = "parsed"
 
-    def __init__(self, directory: Directory, forwarding: ForwardPolicy | None = None) -> None:
-        self.directory = directory
-        self.forwarding = forwarding or ForwardPolicy()
+    def __init__(self, router: Router | Directory, forwarding: ForwardPolicy | None = None,
+                 *, metrics: Metrics | None = None) -> None:
+        # A bare Directory (older callers) routes with default settings and no history.
+        self.router = router if isinstance(router, Router) else Router(
+            Settings(), router, forwarding=forwarding)
+        self.directory = self.router.directory
+        self._metrics = metrics
 
     def handle(self, document: dict[str, Any]) -> list[Output]:
-        deliveries = route(document, self.directory, self.forwarding)
+        decision = self.router.decide(document)
+        if self._metrics is not None:
+            for delivery in decision.deliveries:
+                if not delivery["tracked"]:
+                    self._metrics.route_untracked.labels(
+                        reason=delivery["untracked_reason"]).inc()
         return [Output("routed", {
             "trace_id": document["trace_id"],
             "source": document["source"],
             "envelope": document["envelope"],
-            "email": document["email"],
-            "deliveries": deliveries,
+            "email": decision.email,
+            "deliveries": decision.deliveries,
+            "correlation": decision.correlation,
+            "records": decision.records,
         })]

@@ -21,6 +21,8 @@ from typing import Any
 import click
 
 from shared.cli_dead import dead
+from shared.cli_directory import directory
+from shared.cli_emails import emails
 from shared.cli_parse import parse_command
 from shared.cli_replay import replay
 from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
@@ -52,21 +54,29 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 
 # -- building the stages -------------------------------------------------------------------
-def _build_consumer_stage(name: str, settings: Settings, engine: Any) -> Any:
+def _build_consumer_stage(name: str, settings: Settings, engine: Any,
+                          metrics: Metrics | None = None) -> Any:
     if name == "parse":
         from parse.worker import ParseStage
 
         return ParseStage(settings.limits)
     if name == "route":
-        from route.directory import Directory
+        from persist.history import SqlHistory
         from route.forwarding import ForwardPolicy
+        from route.router import Router
         from route.worker import RouteStage
 
-        return RouteStage(Directory(settings), ForwardPolicy(settings))
+        return RouteStage(Router(settings, history=SqlHistory(engine),
+                                 forwarding=ForwardPolicy(settings)), metrics=metrics)
+    from persist.blobs import blob_store_for
+    from persist.directory_store import DirectoryStore
     from persist.store import EmailStore
     from persist.worker import PersistStage
 
-    return PersistStage(EmailStore(engine))
+    DirectoryStore(engine).sync_config(settings)
+    return PersistStage(EmailStore(
+        engine, blobs=blob_store_for(settings.attachments),
+        create_unknown_contacts=settings.directory.create_unknown_contacts))
 
 
 def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Metrics,
@@ -150,7 +160,7 @@ def run(obj: Context) -> None:
     runners: list[StageRunner] = []
     with _stop_on_signals() as stop:
         for name in STAGES:
-            stage = _build_consumer_stage(name, settings, engine)
+            stage = _build_consumer_stage(name, settings, engine, metrics)
             runners.append(StageRunner(stage, settings, broker, metrics, stop))
         server = _metrics_server(settings, metrics, 0,
                                  lambda: [r.is_ready for r in runners])
@@ -184,7 +194,8 @@ def _record_reporter(engine: Any, stop: threading.Event) -> Callable[[], None]:
             if counts != last:
                 click.echo("records: " + ", ".join(
                     f"{counts.get(k, 0)} {k}"
-                    for k in ("emails", "deliveries", "queue_items", "attachments")))
+                    for k in ("emails", "deliveries", "queue_items", "attachments", "cases",
+                              "contacts")))
                 last = counts
 
     return report
@@ -202,7 +213,7 @@ def worker(obj: Context, stage: str) -> None:
     settings = obj.load()
     broker = Broker(settings.broker)
     connect_or_fail("broker", broker.declare)
-    needs_db = stage in ("ingest", "persist")
+    needs_db = stage in ("ingest", "route", "persist")  # route reads earlier mail
     engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
     metrics = Metrics()
     watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
@@ -211,8 +222,8 @@ def worker(obj: Context, stage: str) -> None:
             target = _ingest_target(settings, broker, engine, metrics, stop)
             readiness: Callable[[], list[bool]] = lambda: [True]  # noqa: E731
         else:
-            runner = StageRunner(_build_consumer_stage(stage, settings, engine), settings,
-                                 broker, metrics, stop)
+            runner = StageRunner(_build_consumer_stage(stage, settings, engine, metrics),
+                                 settings, broker, metrics, stop)
             target = runner.run
             readiness = lambda: [runner.is_ready]  # noqa: E731
         server = _metrics_server(settings, metrics, STAGE_PORT_OFFSET[stage], readiness)
@@ -285,6 +296,8 @@ def _queue_depths(broker: Broker) -> dict[str, tuple[int, int]]:
 main.add_command(parse_command)
 main.add_command(replay)
 main.add_command(dead)
+main.add_command(emails)
+main.add_command(directory)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,6 +54,10 @@ class Metrics:
         self.mailbox_last_success = Gauge(
             "mailroute_mailbox_last_success_timestamp_seconds",
             "Unix time of the mailbox's last successful poll", ["mailbox"], registry=r)
+        self.route_untracked = Counter(
+            "mailroute_route_untracked", "Deliveries route recorded as untracked, by reason "
+            "(tracking-off, not-a-reply-to-tracked-mail, sender-not-a-contact, "
+            "sender-missing-or-ambiguous, suppressed-by-rule)", ["reason"], registry=r)
         self.ready = Gauge(
             "mailroute_stage_ready", "1 while the stage is connected and consuming",
             ["stage"], registry=r)

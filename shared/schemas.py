@@ -73,6 +73,9 @@ class AttachmentSchema(Schema):
     size = fields.Integer(required=True)
     sha256 = fields.String(required=True)
     content = Base64Bytes(required=True)
+    # Set by route's attachment policy: stored, blocked-extension or too-large (then the
+    # content is empty).  No default, so parsed documents keep their exact shape.
+    status = fields.String()
 
 
 class EmailSchema(Schema):
@@ -135,6 +138,9 @@ class DeliverySchema(Schema):
     mailbox = fields.String(required=True)
     method = fields.String(required=True, validate=validate.OneOf(["direct", "forward"]))
     evidence = fields.Dict(keys=fields.String(), load_default=dict)
+    tracked = fields.Boolean(load_default=True)
+    untracked_reason = fields.String(allow_none=True, load_default=None)
+    rule = fields.String(allow_none=True, load_default=None)  # the record creation rule fired
 
 
 class RoutedSchema(_Versioned):
@@ -143,6 +149,9 @@ class RoutedSchema(_Versioned):
     email = fields.Nested(EmailSchema, required=True)
     deliveries = fields.List(fields.Nested(DeliverySchema), required=True,
                              validate=validate.Length(min=1))
+    # route.threading.Correlation.document and route.router.Router._records
+    correlation = fields.Dict(keys=fields.String(), load_default=dict)
+    records = fields.Dict(keys=fields.String(), load_default=dict)
 
 
 class Codec:

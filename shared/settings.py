@@ -30,6 +30,13 @@ ENV_PREFIX = "MAILROUTE_"
 AfterAction = Literal["keep", "seen", "move", "delete"]
 MailboxKind = Literal["imap", "maildir"]
 TlsMode = Literal["ssl", "starttls", "none"]
+TRACK_MODES = ("all", "replies", "contacts", "none")
+SenderCondition = Literal["any", "known", "unknown"]
+ThreadCondition = Literal["any", "new", "existing", "with-case", "without-case"]
+DEFAULT_BLOCKED_EXTENSIONS = (
+    ".exe", ".com", ".bat", ".cmd", ".scr", ".pif", ".js", ".jse", ".vbs", ".vbe", ".wsf",
+    ".msi", ".ps1", ".jar", ".hta", ".cpl", ".lnk",
+)
 
 
 class ConfigError(ValueError):
@@ -147,6 +154,79 @@ class PrincipalSettings:
     address: str
     mailbox: str | None = None
     forward: str | None = None
+    # Which of its mail becomes records: all; only replies to tracked mail; only mail from
+    # known contacts or accounts; none (untracked mail is still recorded, marked and counted).
+    track: str = "all"  # one of TRACK_MODES (a plain str, checked by load_settings)
+
+
+@dataclass(frozen=True)
+class ContactSettings:
+    """A contact from the configuration (read-only; the CLI edits contacts in the database)."""
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    account: str | None = None
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    """An organisation: its own addresses, and whole domains whose senders belong to it."""
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    # Unknown senders of tracked mail become contacts (source "auto"); otherwise their
+    # address stays unresolved on the party record.
+    create_unknown_contacts: bool = False
+
+
+@dataclass(frozen=True)
+class ThreadingSettings:
+    # The tracking token in subjects; {number} is the id of the email replied to.
+    token_format: str = "[CRM:{number:07d}]"
+    smart_match: bool = True
+    smart_match_days: int = 30
+
+
+@dataclass(frozen=True)
+class AttachmentSettings:
+    store: Literal["filesystem", "database"] = "filesystem"
+    path: str = "var/attachments"  # relative to the working directory, like the SQLite file
+    max_bytes: int = 25 * 1024 * 1024
+    blocked_extensions: tuple[str, ...] = DEFAULT_BLOCKED_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class RuleConditions:
+    """Every condition set must hold; unset conditions match anything."""
+
+    queue: str | None = None  # a queue name, or "*" for any queue
+    user: str | None = None  # a user name, or "*" for any user
+    sender: SenderCondition = "any"
+    subject: str | None = None  # regular expression, searched case-insensitively
+    body: str | None = None
+    thread: ThreadCondition = "any"
+    auto_reply: bool | None = None
+
+
+@dataclass(frozen=True)
+class RuleActions:
+    create_case: bool = False
+    link_case: bool = False  # to the case of the thread; with create_case: link, else create
+    priority: str | None = None
+    owner: str | None = None
+    suppress: bool = False  # no records: the delivery is kept untracked with the rule's name
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    name: str
+    when: RuleConditions = RuleConditions()
+    then: RuleActions = RuleActions()
 
 
 @dataclass(frozen=True)
@@ -162,6 +242,12 @@ class Settings:
     queues: tuple[PrincipalSettings, ...] = ()
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "text"
+    contacts: tuple[ContactSettings, ...] = ()
+    accounts: tuple[AccountSettings, ...] = ()
+    directory: DirectorySettings = DirectorySettings()
+    threading: ThreadingSettings = ThreadingSettings()
+    attachments: AttachmentSettings = AttachmentSettings()
+    rules: tuple[RuleSettings, ...] = ()
 
     def server(self, name: str) -> ServerProfile:
         for profile in self.servers:
@@ -331,6 +417,9 @@ def _validate(settings: Settings) -> None:
             if p.address.lower() in seen:
                 raise ConfigError(f"{where}.address: {p.address} is used by another user or queue")
             seen.add(p.address.lower())
+            if p.track not in TRACK_MODES:
+                raise ConfigError(f"{where}.track: {p.track!r} is not one of "
+                                  f"{', '.join(TRACK_MODES)}")
             if p.mailbox is not None:
                 own = by_name.get(p.mailbox)
                 if own is None or own.forward:
@@ -339,3 +428,40 @@ def _validate(settings: Settings) -> None:
                 forward = by_name.get(p.forward)
                 if forward is None or not forward.forward:
                     raise ConfigError(f"{where}.forward: no forward mailbox named {p.forward!r}")
+    _validate_records(settings)
+
+
+def _validate_records(settings: Settings) -> None:
+    """Contacts, accounts, threading, attachments and rules (route and persist rely on them)."""
+    accounts = {a.name for a in settings.accounts}
+    for c in settings.contacts:
+        if c.account is not None and c.account not in accounts:
+            raise ConfigError(f"contacts.{c.name}.account: no account named {c.account!r}")
+        for address in c.addresses:
+            if address.count("@") != 1:
+                raise ConfigError(f"contacts.{c.name}.addresses: {address!r} is not an address")
+    token = settings.threading.token_format
+    try:
+        token.format(number=1)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"threading.token_format: {token!r} must hold one {{number}} "
+                          f"field ({exc})") from exc
+    if token.count("{number") != 1:
+        raise ConfigError(f"threading.token_format: {token!r} must hold one {{number}} field")
+    if settings.attachments.max_bytes <= 0:
+        raise ConfigError("attachments.max_bytes: must be positive")
+    names = {"queue": {q.name for q in settings.queues}, "user": {u.name for u in settings.users}}
+    for rule in settings.rules:
+        where = f"rules.{rule.name}"
+        for kind, known in names.items():
+            wanted = getattr(rule.when, kind)
+            if wanted not in (None, "*") and wanted not in known:
+                raise ConfigError(f"{where}.when.{kind}: no {kind} named {wanted!r}")
+        for key in ("subject", "body"):
+            pattern = getattr(rule.when, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{where}.when.{key}: bad regular expression: {exc}") \
+                        from exc

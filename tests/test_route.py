@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +14,9 @@ from shared.errors import PermanentError
 from shared.schemas import Codec
 from shared.settings import LimitSettings, MailboxSettings, PrincipalSettings, Settings
 from tests import documents
+from tests.corpus import corpus_folder
 
-CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
+CORPUS = corpus_folder()
 RT_FORWARD = "request-tracker/email-file-attachment.eml"  # Apple Mail, forwarded by user1
 DJANGO_FORWARD = "django-mailbox/message_with_rfc822_attachment.eml"
 PLAIN = "ruby-mail/plain_emails/raw_email8.eml"

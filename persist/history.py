@@ -1,0 +1,107 @@
+"""The database side of route's read-only lookup (``route.history.History``).
+
+Takes an engine; gives stored emails by Message-ID, id (the tracking token), Outlook
+conversation root and normalised subject with a shared participant, each with its thread,
+the thread's case and whether it was tracked, and the contact or account of an address.
+Sees only committed rows (see ``route.history`` for what that means for replies racing
+their parent).  Contact and account lookups are cached for ``party_cache_seconds`` (a
+contact added from the CLI counts as known to route at most that much later; persist
+resolves parties afresh at save time).  Fails with ``TransientError`` when the database is
+unreachable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection, Engine
+
+from persist.database import translate_errors
+from persist.directory_store import resolve_parties
+from persist.tables import Tables, build_tables
+from route.directory import PartyMatch
+from route.history import KnownEmail
+
+
+def known_email_query(tables: Tables) -> Any:
+    emails, cases = tables.emails, tables.cases
+    thread = func.coalesce(emails.c.thread_id, emails.c.id)
+    case_id = (select(func.min(cases.c.id)).where(cases.c.thread_id == thread)
+               .scalar_subquery())
+    return select(emails.c.id, thread.label("thread_id"), emails.c.message_id,
+                  case_id.label("case_id"), emails.c.tracked)
+
+
+def to_known(row: Any) -> KnownEmail:
+    return KnownEmail(email_id=int(row.id), thread_id=int(row.thread_id),
+                      message_id=row.message_id,
+                      case_id=None if row.case_id is None else int(row.case_id),
+                      tracked=bool(row.tracked))
+
+
+def known_by_message_ids(connection: Connection, tables: Tables,
+                         message_ids: Sequence[str]) -> list[KnownEmail]:
+    if not message_ids:
+        return []
+    rows = connection.execute(known_email_query(tables).where(
+        tables.emails.c.message_id.in_(list(message_ids))).order_by(tables.emails.c.id)).all()
+    found: dict[str, KnownEmail] = {}
+    for row in rows:
+        found.setdefault(row.message_id, to_known(row))
+    return [found[m] for m in message_ids if m in found]
+
+
+PARTY_CACHE_ENTRIES = 10_000
+
+
+class SqlHistory:
+    def __init__(self, engine: Engine, party_cache_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._tables = build_tables()
+        self._party_ttl = party_cache_seconds
+        self._clock = clock
+        self._parties: dict[str, tuple[float, PartyMatch | None]] = {}
+
+    def _one(self, condition: Any) -> KnownEmail | None:
+        query = known_email_query(self._tables).where(condition) \
+            .order_by(self._tables.emails.c.id.desc()).limit(1)
+        with translate_errors(), self._engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else to_known(row)
+
+    def by_message_ids(self, message_ids: Sequence[str]) -> list[KnownEmail]:
+        with translate_errors(), self._engine.connect() as connection:
+            return known_by_message_ids(connection, self._tables, message_ids)
+
+    def by_email_id(self, email_id: int) -> KnownEmail | None:
+        return self._one(self._tables.emails.c.id == email_id)
+
+    def by_thread_index_root(self, root: str) -> KnownEmail | None:
+        return self._one(self._tables.emails.c.thread_index_root == root)
+
+    def by_subject(self, subject_key: str, participants: Collection[str],
+                   since: datetime) -> KnownEmail | None:
+        emails, parties = self._tables.emails, self._tables.parties
+        shares = select(parties.c.id).where(parties.c.email_id == emails.c.id,
+                                            func.lower(parties.c.address).in_(sorted(participants)))
+        return self._one((emails.c.subject_key == subject_key)
+                         & (emails.c.first_seen_at >= since) & shares.exists())
+
+    def party(self, address: str) -> PartyMatch | None:
+        now = self._clock()
+        cached = self._parties.get(address)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        with translate_errors(), self._engine.connect() as connection:
+            found = resolve_parties(connection, self._tables, [address]).get(address)
+        match = None if found is None else PartyMatch(
+            "contact" if found.kind == "contact" else "account", found.name, "database")
+        if len(self._parties) >= PARTY_CACHE_ENTRIES:
+            self._parties.clear()
+        self._parties[address] = (now + self._party_ttl, match)
+        return match
