@@ -45,6 +45,7 @@ from parse.headers import (
 )
 from parse.limits import Budget, check_limits
 from parse.mime import INNER_MESSAGE_TYPES, collect, disposition_of, leaves
+from parse.structure import parse_structure
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
 
@@ -130,6 +131,11 @@ _PARSE_POLICY = _StructureUnfoldingCompat32()
 def _parse_bytes(raw: bytes) -> Message:
     # compat32 keeps header values as raw strings: the structure costs little, and only the
     # headers used are decoded (PERFORMANCE.md: policy.default spends 87% on headers).
+    # Well-formed messages are split by regular expressions (the same tree, several times
+    # cheaper); the feedparser takes the rest and records their defects.
+    message = parse_structure(raw, _PARSE_POLICY)
+    if message is not None:
+        return message
     return BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
 
 
