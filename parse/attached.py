@@ -25,6 +25,7 @@ from parse.mime import (
     serialise,
 )
 from parse.outlook import OutlookError, is_outlook_message, msg_to_mime
+from parse.structure import CarriedMessage
 from parse.tnef import TnefError, embedded_message_to_mime, is_tnef, read_tnef
 
 OUTLOOK_TYPES = ("application/vnd.ms-outlook", "application/x-msg")
@@ -40,6 +41,9 @@ def attached_messages(part: Message, content_type: str, max_depth: int,
         encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
         if (isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], Message)
                 and encoding not in ("base64", "quoted-printable")):
+            if isinstance(payload[0], CarriedMessage):
+                # the original's bytes as carried: no re-serialising, line breaks as sent
+                return [payload[0].source.encode("ascii", "surrogateescape")]
             return [serialise(payload[0])]
         return [message_part_bytes(part, defects)]
     if content_type.startswith(("multipart/", "message/")):
