@@ -21,6 +21,7 @@ multipart with a transfer encoding other than 7bit/8bit/binary.  Never raises on
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from email.message import Message
 from email.policy import Compat32
 
@@ -29,6 +30,7 @@ _BLANK_LINE = re.compile(r"\n\r?\n")
 _HEADER_BLOCK = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*)*")
 _HEADER = re.compile(r"[!-9;-~]+:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*")
 _EOL = re.compile(r"(?:\r\n|\n)\Z")
+_DELIMITER_TAIL = re.compile(r"(--)?[ \t]*(?:\r?\n|\Z)")
 _IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
 # Deeper nesting goes to the feedparser, whose recursion the caller already bounds.
 _MAX_DEPTH = 50
@@ -104,27 +106,46 @@ def _split_multipart(message: Message, body: str, policy: Compat32, depth: int) 
     encoding = str(message.get("content-transfer-encoding", "8bit")).lower()
     if encoding not in _IDENTITY_ENCODINGS:
         return False
-    delimiter = re.compile("^--" + re.escape(boundary) + r"(--)?[ \t]*(?:\r?\n|\Z)",
-                           re.MULTILINE)
-    matches = iter(delimiter.finditer(body))
-    first = next(matches, None)
-    if first is None or first.group(1):
+    delimiters = _delimiter_lines(body, "--" + boundary)
+    first = next(delimiters, None)
+    if first is None or first[2]:
         return False
-    if first.start():
-        message.preamble = _strip_eol(body[: first.start()])
-    start = first.end()
-    for match in matches:
-        if match.start() == start:
+    if first[0]:
+        message.preamble = _strip_eol(body[: first[0]])
+    start = first[1]
+    for line_start, line_end, closing in delimiters:
+        if line_start == start:
             return False  # the feedparser skips repeated delimiter lines
-        part = _message(body[start: match.start()], policy, depth + 1, in_part=True)
+        part = _message(body[start:line_start], policy, depth + 1, in_part=True)
         if part is None:
             return False
         message.attach(part)
-        if match.group(1):
-            message.epilogue = body[match.end():]
+        if closing:
+            message.epilogue = body[line_end:]
             return True
-        start = match.end()
+        start = line_end
     return False  # no close delimiter
+
+
+def _delimiter_lines(body: str, delimiter: str) -> Iterator[tuple[int, int, bool]]:
+    """(start, end after its line break, is the close delimiter) of each delimiter line.
+
+    A delimiter line is ``--boundary``, ``--`` for the close delimiter, then only blanks
+    (the feedparser's rule); found with ``str.find``, much cheaper than a MULTILINE regex.
+    """
+    if body.startswith(delimiter):
+        position = 0
+    else:
+        position = body.find("\n" + delimiter)
+        if position >= 0:
+            position += 1
+    while position >= 0:
+        after = _DELIMITER_TAIL.match(body, position + len(delimiter))
+        if after is not None:
+            yield position, after.end(), after.group(1) is not None
+        position = body.find("\n" + delimiter, position + 1)
+        if position >= 0:
+            position += 1
 
 
 def _strip_eol(text: str) -> str:
