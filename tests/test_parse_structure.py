@@ -22,7 +22,7 @@ from tests.test_parse_corpus import CORPUS, MESSAGES
 
 
 def tree(message: Message) -> tuple[Any, ...]:
-    payload = message._payload  # the raw payload: get_payload() decodes 8-bit text
+    payload = vars(message)["_payload"]  # raw: get_payload() decodes 8-bit text
     return (list(message.raw_items()), [tree(part) for part in payload] if isinstance(payload, list)
             else payload, message.preamble, message.epilogue,
             [type(defect).__name__ for defect in message.defects], message.get_default_type(),
