@@ -29,7 +29,6 @@ _BARE_CR = re.compile(r"\r(?!\n)")
 _BLANK_LINE = re.compile(r"\n\r?\n")
 _HEADER_BLOCK = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*)*")
 _HEADER = re.compile(r"[!-9;-~]+:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*")
-_EOL = re.compile(r"(?:\r\n|\n)\Z")
 _DELIMITER_TAIL = re.compile(r"(--)?[ \t]*(?:\r?\n|\Z)")
 _IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
 # Deeper nesting goes to the feedparser, whose recursion the caller already bounds.
@@ -149,6 +148,8 @@ def _delimiter_lines(body: str, delimiter: str) -> Iterator[tuple[int, int, bool
 
 
 def _strip_eol(text: str) -> str:
-    found = _EOL.search(text)
-    return text[: found.start()] if found else text
+    """``text`` without its last line break (a bare CR never reaches here)."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
 
