@@ -16,8 +16,9 @@ from hypothesis import given
 from hypothesis import settings as settings_hypothesis
 from hypothesis import strategies as st
 
-from parse.extract import _PARSE_POLICY
+from parse.extract import _PARSE_POLICY, parse_raw
 from parse.structure import CarriedMessage, parse_structure
+from shared.settings import LimitSettings
 from tests.test_parse_corpus import CORPUS, MESSAGES
 
 
@@ -124,3 +125,11 @@ def test_random_messages_give_the_feedparsers_tree_or_none(pieces: list[bytes]) 
     message = parse_structure(raw, _PARSE_POLICY)
     if message is not None:
         assert tree(message) == feedparser_tree(raw)
+
+
+def test_a_forwarded_original_is_the_message_as_carried() -> None:
+    [email] = parse_raw(FORWARD, "forward", LimitSettings()).emails
+    start = FORWARD.index(b"From: a@example.org")
+    end = FORWARD.index(b"--in--\r\n") + len(b"--in--\r\n")
+    assert email["size"] == end - start  # not a re-serialised copy's size
+    assert (email["subject"], email["text"], email["html"]) == ("inner", "hello", "<p>hello</p>")
