@@ -25,6 +25,7 @@ from parse.mime import (
     serialise,
 )
 from parse.outlook import OutlookError, is_outlook_message, msg_to_mime
+from parse.structure import CarriedMessage
 from parse.tnef import TnefError, embedded_message_to_mime, is_tnef, read_tnef
 
 OUTLOOK_TYPES = ("application/vnd.ms-outlook", "application/x-msg")
@@ -36,6 +37,10 @@ def attached_messages(part: Message, content_type: str, max_depth: int,
                       defects: list[str]) -> list[bytes]:
     """The raw bytes of every message ``part`` carries (empty when it carries none)."""
     if content_type in INNER_MESSAGE_TYPES:
+        carried = carried_message(part, content_type)
+        if carried is not None:
+            # the original's bytes as carried: no re-serialising, line breaks as sent
+            return [carried.source.encode("ascii", "surrogateescape")]
         payload = part.get_payload()
         encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
         if (isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], Message)
@@ -61,6 +66,22 @@ def attached_messages(part: Message, content_type: str, max_depth: int,
     if named_eml:
         add_defect(defects, "eml-attachment-not-a-message")
     return []
+
+
+def carried_message(part: Message, content_type: str) -> CarriedMessage | None:
+    """The message a message/rfc822 part carries as it is, when the fast parser read it.
+
+    Its ``source`` is the original's text as carried; None for a transfer-encoded part or a
+    part the feedparser read (the caller then works from bytes).
+    """
+    if content_type not in INNER_MESSAGE_TYPES:
+        return None
+    payload = part.get_payload()
+    if not (isinstance(payload, list) and len(payload) == 1
+            and isinstance(payload[0], CarriedMessage)):
+        return None
+    encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
+    return None if encoding in ("base64", "quoted-printable") else payload[0]
 
 
 def _from_msg(data: bytes, max_depth: int, defects: list[str]) -> list[bytes]:

@@ -30,7 +30,7 @@ from email.message import Message
 from email.parser import BytesParser
 from typing import Any
 
-from parse.attached import attached_messages
+from parse.attached import attached_messages, carried_message
 from parse.envelope import STRONG_REDIRECT_HEADERS, envelope_headers, redirect_evidence
 from parse.headers import (
     add_defect,
@@ -45,6 +45,7 @@ from parse.headers import (
 )
 from parse.limits import Budget, check_limits
 from parse.mime import INNER_MESSAGE_TYPES, collect, disposition_of, leaves
+from parse.structure import parse_structure
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
 
@@ -130,6 +131,11 @@ _PARSE_POLICY = _StructureUnfoldingCompat32()
 def _parse_bytes(raw: bytes) -> Message:
     # compat32 keeps header values as raw strings: the structure costs little, and only the
     # headers used are decoded (PERFORMANCE.md: policy.default spends 87% on headers).
+    # Well-formed messages are split by regular expressions (the same tree, several times
+    # cheaper); the feedparser takes the rest and records their defects.
+    message = parse_structure(raw, _PARSE_POLICY)
+    if message is not None:
+        return message
     return BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
 
 
@@ -217,13 +223,13 @@ def _open_forward(outer: Message, size: int, limits: LimitSettings,
         "defects": defects,
     }
     redirect = redirect_evidence(headers)
-    originals: list[tuple[bytes, list[dict[str, str]]]] = []
+    originals: list[_Original] = []
     if redirect is None or redirect[0] not in STRONG_REDIRECT_HEADERS:
         originals = _originals(outer, limits, budget, defects, level=1)
     if originals:
-        emails = [build_email(_parse_bytes(data), len(data), limits, budget)
-                  for data, _ in originals]
-        chains = [chain for _, chain in originals]
+        emails = [build_email(message or _parse_bytes(data), len(data), limits, budget)
+                  for data, _, message in originals]
+        chains = [chain for _, chain, _ in originals]
         if not senders:
             add_defect(defects, "no-forwarder")
     elif redirect is not None:
@@ -240,28 +246,36 @@ def _open_forward(outer: Message, size: int, limits: LimitSettings,
     return ParseResult(envelope, emails, chains)
 
 
+# An original's raw bytes, the chain of inner forwarders, and the message already parsed
+# from those bytes (None: parse them).
+_Original = tuple[bytes, list[dict[str, str]], Message | None]
+
+
 def _originals(message: Message, limits: LimitSettings, budget: Budget, defects: list[str],
-               level: int) -> list[tuple[bytes, list[dict[str, str]]]]:
-    """(raw bytes, chain of inner forwarders) of each original in ``message``.
+               level: int) -> list[_Original]:
+    """Each original in ``message`` (see :data:`_Original`).
 
     An original that is itself a forward envelope (a note and attached messages only, from a
-    clear sender) is opened in turn while ``level`` < ``limits.forward_depth``.
+    clear sender) is opened in turn while ``level`` < ``limits.forward_depth``.  An original
+    the fast structure parser already read inside the envelope is not parsed again.
     """
-    found: list[tuple[bytes, list[dict[str, str]]]] = []
+    found: list[_Original] = []
     for leaf in leaves(message, limits.max_depth, defects, budget):
+        carried = carried_message(leaf.part, leaf.content_type)
         for data in attached_messages(leaf.part, leaf.content_type, limits.max_depth, defects):
             budget.check()
             check_limits(data, limits, base_depth=leaf.depth)
             if level < limits.forward_depth:
-                inner = _parse_bytes(data)
+                inner = carried or _parse_bytes(data)
                 forwarder = _envelope_sender(inner, limits, budget)
                 if forwarder is not None:
                     nested = _originals(inner, limits, budget, defects, level + 1)
                     if nested:
                         add_defect(defects, "nested-forward-unwrapped")
-                        found.extend((raw, [forwarder, *chain]) for raw, chain in nested)
+                        found.extend((raw, [forwarder, *chain], parsed)
+                                     for raw, chain, parsed in nested)
                         continue
-            found.append((data, []))
+            found.append((data, [], carried))
     return found
 
 
