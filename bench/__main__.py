@@ -103,9 +103,6 @@ def run_parse(options: argparse.Namespace) -> None:
         "policy=policy.default) extracting the same fields", "quick": options.quick,
         **extra})
     show("parse", figures, path)
-    equality = figures[-1].detail
-    if equality.get("differing_fields"):
-        print(f"   differing fields: {equality['differing_fields']}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
