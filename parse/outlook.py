@@ -15,12 +15,12 @@ import re
 import struct
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import format_datetime, formataddr
 
 import olefile
 
 from parse.headers import utf8_or_cp1252
+from parse.rebuilt import stable_bytes
 
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _RECIPIENT_TYPES = {1: "To", 2: "Cc"}
@@ -70,7 +70,7 @@ def msg_to_mime(data: bytes, max_depth: int = 5) -> bytes:
             if not root.has_properties():
                 raise OutlookError("no message properties (not a message, or damaged)")
             message = _build(root, max_depth)
-        return message.as_bytes(policy=SMTP)
+        return stable_bytes(message)
     except OutlookError:
         raise
     except Exception as exc:  # olefile raises many kinds on damaged containers

@@ -16,9 +16,9 @@ import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import format_datetime, formataddr
 
+from parse.rebuilt import stable_bytes
 from parse.rtf import rtf_to_text
 
 SIGNATURE = 0x223E9F78
@@ -270,7 +270,7 @@ def embedded_message_to_mime(tnef: Tnef) -> bytes:
                                    subtype="octet-stream",
                                    filename=_UNSAFE_HEADER_TEXT.sub(" ", attachment.name or
                                                                     "attachment"))
-    return message.as_bytes(policy=SMTP)
+    return stable_bytes(message)
 
 
 def _header_fields(text: str) -> list[tuple[str, str]]:
