@@ -38,7 +38,7 @@ def _die(point: str) -> None:
 
 def _once(original: Callable[..., Any], before: Callable[[], None] | None = None,
           after: Callable[[], None] | None = None) -> Callable[..., Any]:
-    fired = []
+    fired: list[bool] = []
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         first = not fired

@@ -66,9 +66,8 @@ def postgres_engine(url: str | None = None) -> Iterator[Engine]:
         finally:
             engine.dispose()
         return
-    with fresh_postgres_database() as fresh:
-        with postgres_engine(fresh) as engine:
-            yield engine
+    with fresh_postgres_database() as fresh, postgres_engine(fresh) as engine:
+        yield engine
 
 
 @dataclass

@@ -57,7 +57,8 @@ def test_random_sigkills_of_every_worker_kind_lose_and_double_nothing(
             target = len(pipeline.sent) - len(numbers) + rng.randrange(len(numbers) or 1)
             if victim == "ingest":
                 wanted = fetched_before + rng.randrange(1, max(2, len(numbers)))
-                wait_for(lambda: fetched(pipeline) >= wanted, "ingest to fetch part of a wave")
+                wait_for(lambda w=wanted: fetched(pipeline) >= w,  # type: ignore[misc]
+                         "ingest to fetch part of a wave")
             else:
                 pipeline.wait_persisted(target)
             code = pipeline.workers.kill(victim)
