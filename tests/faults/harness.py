@@ -163,6 +163,15 @@ class Pipeline:
         assert not doubled, f"{len(doubled)} recorded twice, e.g. {doubled[:5]}"
         assert not wrong_deliveries, f"wrong delivery count: {wrong_deliveries[:5]}"
 
+    def queue_depth(self, name: str) -> int | None:
+        """Messages ready in queue ``name`` (None while it does not exist)."""
+        try:
+            with Connection(self.broker_url, connect_timeout=10) as connection:
+                declared = connection.channel().queue_declare(name, passive=True)
+        except Exception:  # not declared yet (the channel is closed with NOT_FOUND)
+            return None
+        return int(declared.message_count)
+
     def dead_letters(self) -> dict[str, list[tuple[bytes, dict[str, Any]]]]:
         """Take every dead letter from every stage's dead-letter queue."""
         taken: dict[str, list[tuple[bytes, dict[str, Any]]]] = {}

@@ -131,8 +131,21 @@ class PrivateRabbit:
             text = response.read()
         return json.loads(text) if text else None
 
-    def queue_info(self, queue: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.management("GET", f"/api/queues/%2F/{queue}")
+    def add_vhost(self) -> str:
+        """A fresh vhost for one test; gives its AMQP URL."""
+        name = f"fault-{uuid.uuid4().hex[:8]}"
+        self.management("PUT", f"/api/vhosts/{name}", {})
+        self.management("PUT", f"/api/permissions/{name}/guest",
+                        {"configure": ".*", "write": ".*", "read": ".*"})
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+
+    def delete_vhost(self, url: str) -> None:
+        with contextlib.suppress(OSError):
+            self.management("DELETE", f"/api/vhosts/{url.rsplit('/', 1)[1]}")
+
+    def queue_info(self, vhost_url: str, queue: str) -> dict[str, Any]:
+        vhost = vhost_url.rsplit("/", 1)[1]
+        result: dict[str, Any] = self.management("GET", f"/api/queues/{vhost}/{queue}")
         return result
 
     def log_tail(self, lines: int = 30) -> str:
