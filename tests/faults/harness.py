@@ -55,6 +55,16 @@ def deliver_many(dovecot: DovecotServer, user: str, raws: Iterable[bytes]) -> li
     return uids
 
 
+def queue_depth(broker_url: str, name: str) -> int | None:
+    """Messages ready in queue ``name`` now (None while it does not exist)."""
+    try:
+        with Connection(broker_url, connect_timeout=10) as connection:
+            declared = connection.channel().queue_declare(name, passive=True)
+    except Exception:  # not declared yet (the channel is closed with NOT_FOUND)
+        return None
+    return int(declared.message_count)
+
+
 @contextmanager
 def postgres_engine(url: str | None = None) -> Iterator[Engine]:
     """A migrated engine: on ``url`` if given, else a fresh database on the shared server."""
@@ -164,13 +174,7 @@ class Pipeline:
         assert not wrong_deliveries, f"wrong delivery count: {wrong_deliveries[:5]}"
 
     def queue_depth(self, name: str) -> int | None:
-        """Messages ready in queue ``name`` (None while it does not exist)."""
-        try:
-            with Connection(self.broker_url, connect_timeout=10) as connection:
-                declared = connection.channel().queue_declare(name, passive=True)
-        except Exception:  # not declared yet (the channel is closed with NOT_FOUND)
-            return None
-        return int(declared.message_count)
+        return queue_depth(self.broker_url, name)
 
     def dead_letters(self) -> dict[str, list[tuple[bytes, dict[str, Any]]]]:
         """Take every dead letter from every stage's dead-letter queue."""
