@@ -86,7 +86,7 @@ def test_publish_through_a_stalled_link_times_out_instead_of_hanging(
         publisher.publish_envelopes([envelope])
         proxy.stall()
         started = time.monotonic()
-        with pytest.raises(TransientError, match="not confirmed|publish failed"):
+        with pytest.raises(TransientError, match=r"not confirmed|publish failed"):
             publisher.publish_envelopes([envelope] * 5)
         assert time.monotonic() - started < 30
         proxy.cut()
