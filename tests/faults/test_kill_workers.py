@@ -77,31 +77,32 @@ def fetched(pipeline: Pipeline) -> float:
     return pipeline.workers.counter("ingest", "mailroute_mailbox_messages_fetched_total")
 
 
-@pytest.mark.parametrize(("stage", "fault"), [
-    ("parse", "kill-before-ack"),
-    ("route", "kill-before-ack"),
-    ("persist", "kill-after-commit"),
-    ("ingest", "kill-before-cursor"),
-])
-def test_kill_at_the_exact_crash_point_redelivers_and_records_once(
-        tmp_path: Path, dovecot: DovecotServer, rabbit_vhost: Vhost, engine: Engine,
-        stage: str, fault: str) -> None:
+CRASH_POINTS = {
+    "parse": "kill-before-ack",
+    "route": "kill-before-ack",
+    "persist": "kill-after-commit",
+    "ingest": "kill-before-cursor",
+}
+
+
+def test_every_worker_killed_at_its_exact_crash_point_redelivers_and_records_once(
+        tmp_path: Path, dovecot: DovecotServer, rabbit_vhost: Vhost, engine: Engine) -> None:
+    """All four at once: each worker dies at its first batch, at its own crash point."""
     pipeline = Pipeline(tmp_path, dovecot, rabbit_vhost.url, engine,
                         mailbox={"batch_size": 10})
     pipeline.send("alice", "point", range(60))
     try:
-        pipeline.start(stage, fault=fault)
-        pipeline.start(*(s for s in STAGES if s != stage))
-        assert pipeline.workers.wait_exit(stage) == -signal.SIGKILL, pipeline.workers.logs()
-        log = pipeline.workers.log_path(stage).read_text()
-        assert "fault: SIGKILL" in log
-        pipeline.start(stage)
+        for stage, fault in CRASH_POINTS.items():
+            pipeline.start(stage, fault=fault)
+        for stage in STAGES:
+            # ingest dies at once; each later stage dies once a batch reaches it
+            assert pipeline.workers.wait_exit(stage) == -signal.SIGKILL, \
+                pipeline.workers.logs()
+            assert "fault: SIGKILL" in pipeline.workers.log_path(stage).read_text()
+            pipeline.start(stage)
         pipeline.wait_persisted()
-        if stage == "ingest":
-            # the batch whose cursor was never saved is fetched a second time
-            wait_for(lambda: pipeline.workers.counter(
-                "ingest", "mailroute_mailbox_messages_fetched_total", mailbox="alice") >= 60,
-                "ingest to fetch alice's mail again")
+        # the batch whose cursor was never saved is fetched a second time
+        wait_for(lambda: fetched(pipeline) >= 10, "ingest to fetch the first batch again")
         pipeline.assert_exactly_once()
     finally:
         codes = pipeline.stop()
