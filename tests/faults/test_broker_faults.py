@@ -54,11 +54,11 @@ def failed_polls(pipeline: Pipeline) -> float:
 
 def test_broker_restart_under_load_loses_nothing(pipeline: Pipeline,
                                                  private_rabbit: PrivateRabbit) -> None:
-    pipeline.send("alice", "restart", range(600))
+    pipeline.send("alice", "restart", range(400))
     pipeline.start()
-    pipeline.wait_persisted(100)
+    pipeline.wait_persisted(50)
     private_rabbit.stop_app()
-    pipeline.send("dave", "restart", range(600, 800))  # mail keeps arriving meanwhile
+    pipeline.send("dave", "restart", range(400, 500))  # mail keeps arriving meanwhile
     private_rabbit.start_app()
     pipeline.wait_persisted()
     pipeline.assert_exactly_once()

@@ -38,10 +38,10 @@ def test_postgres_down_mid_transaction_acks_nothing_early(
         private_postgres: PrivatePostgres) -> None:
     pipeline = Pipeline(tmp_path, dovecot, rabbit_vhost.url, engine,
                         mailbox={"batch_size": 20})
-    pipeline.send("alice", "pgdown", range(800))
+    pipeline.send("alice", "pgdown", range(400))
     try:
         pipeline.start()
-        pipeline.wait_persisted(100)
+        pipeline.wait_persisted(50)
         private_postgres.stop("immediate")
         try:
             wait_for(lambda: pipeline.workers.counter(
@@ -50,7 +50,7 @@ def test_postgres_down_mid_transaction_acks_nothing_early(
                 on_timeout=pipeline.workers.logs)
         finally:
             private_postgres.start()
-        pipeline.send("dave", "pgdown", range(800, 900))
+        pipeline.send("dave", "pgdown", range(400, 500))
         pipeline.wait_persisted()
         pipeline.assert_exactly_once()
         tables = EmailStore(engine).tables
