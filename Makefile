@@ -42,7 +42,7 @@ help:
 	@echo "make venv       create $(VENV) and install mailroute with its dev extras"
 	@echo "make services   install Dovecot; install and start RabbitMQ and PostgreSQL if absent"
 	@echo "make lint       ruff and mypy"
-	@echo "make bench      pipeline and parse benchmarks against ceilings (BENCH_ARGS=\"pipeline --quick\")"
+	@echo "make bench      pipeline, parse, ingest, persist, memory benchmarks (BENCH_ARGS=\"ingest --quick\")"
 	@echo "make fuzz       fuzz parse and route for FUZZ_SECONDS (atheris; else a Hypothesis loop)"
 	@echo "make soak       the SIGKILL fault test at SOAK_MESSAGES messages, SOAK_KILLS kills per worker kind"
 	@echo "make clean      remove caches and the demo's state; make distclean also removes $(VENV)"
