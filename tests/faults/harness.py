@@ -25,7 +25,6 @@ from sqlalchemy.engine import Engine
 from persist.database import create_engine_for, upgrade
 from persist.store import EmailStore
 from tests import mailgen
-from tests.db_fixtures import fresh_postgres_database
 from tests.dovecot import DovecotServer
 from tests.processes import Workers, wait_for
 
@@ -76,6 +75,10 @@ def postgres_engine(url: str | None = None) -> Iterator[Engine]:
         finally:
             engine.dispose()
         return
+    # imported here: importing tests.db_fixtures at collection time, before the modules that
+    # register it as a plugin, would keep pytest from rewriting its asserts
+    from tests.db_fixtures import fresh_postgres_database
+
     with fresh_postgres_database() as fresh, postgres_engine(fresh) as engine:
         yield engine
 
