@@ -21,7 +21,12 @@ PYTEST_ARGS ?=
 # Folders that `make lint` checks; those still holding no Python file are skipped.
 LINT_PATHS := ingest parse route persist shared tests bench
 
-.PHONY: help venv run services test lint bench clean distclean
+FUZZ_SECONDS ?= 60
+# make soak: the SIGKILL fault test, longer (messages, kills of each worker kind)
+SOAK_MESSAGES ?= 20000
+SOAK_KILLS ?= 10
+
+.PHONY: help venv run services test lint bench clean distclean fuzz soak
 
 # A venv whose Python no longer starts (its interpreter was removed or upgraded) or lost pip is
 # rebuilt even when its stamp is newer than pyproject.toml.
@@ -37,7 +42,9 @@ help:
 	@echo "make venv       create $(VENV) and install mailroute with its dev extras"
 	@echo "make services   install Dovecot; install and start RabbitMQ and PostgreSQL if absent"
 	@echo "make lint       ruff and mypy"
-	@echo "make bench      pipeline and parse benchmarks against ceilings (BENCH_ARGS=\"pipeline --quick\")"
+	@echo "make bench      pipeline, parse, ingest, persist, memory benchmarks (BENCH_ARGS=\"ingest --quick\")"
+	@echo "make fuzz       fuzz parse and route for FUZZ_SECONDS (atheris; else a Hypothesis loop)"
+	@echo "make soak       the SIGKILL fault test at SOAK_MESSAGES messages, SOAK_KILLS kills per worker kind"
 	@echo "make clean      remove caches and the demo's state; make distclean also removes $(VENV)"
 
 venv: $(VENV_STAMP)
@@ -104,6 +111,17 @@ lint: venv
 
 bench: venv services
 	"$(VENV_PY)" -m bench $(BENCH_ARGS)
+
+# atheris ships wheels for CPython 3.11 on x86-64 Linux; where it cannot be installed (no wheel,
+# no clang to build one) the target falls back to the Hypothesis loop and says so.
+fuzz: venv
+	@"$(VENV_PY)" -m pip install --quiet -e '.[fuzz]' || \
+	    echo "fuzz: atheris could not be installed; the Hypothesis loop runs instead"
+	"$(VENV_PY)" -m tests.fuzz_parse --seconds "$(FUZZ_SECONDS)"
+
+soak: venv services
+	FAULT_MESSAGES="$(SOAK_MESSAGES)" FAULT_KILLS="$(SOAK_KILLS)" "$(VENV)/bin/pytest" -q -s \
+	    --timeout=0 tests/faults/test_kill_workers.py -k random_sigkills $(PYTEST_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,4 +1,6 @@
-"""``python -m bench [pipeline|parse|all] [--quick]``: run benchmarks, print and save figures.
+"""``python -m bench [pipeline|parse|ingest|persist|memory|all] [--quick]``: run benchmarks.
+
+Prints and saves the figures.
 
 Takes the command line; prints each figure with the ceiling measured in the same run and
 their ratio on stdout (progress goes to stderr) and writes ``var/bench/<name>.json``.  Exits
@@ -14,7 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
+from bench import ingest as ingest_bench
+from bench import memory as memory_bench
 from bench import parse as parse_bench
+from bench import persist as persist_bench
 from bench import pipeline as pipeline_bench
 from bench.common import REPORT_DIR, BenchError, Figure, load_average, progress, write_report
 from bench.profile import categorise, summarise
@@ -23,7 +28,8 @@ from bench.profile import categorise, summarise
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="mailroute benchmarks (see bench/README.md)")
-    parser.add_argument("which", nargs="?", default="all", choices=["pipeline", "parse", "all"])
+    parser.add_argument("which", nargs="?", default="all",
+                        choices=["pipeline", "parse", "ingest", "persist", "memory", "all"])
     parser.add_argument("--quick", action="store_true",
                         help="fewer messages, shorter offered-load phases, fewer rounds")
     parser.add_argument("--messages", type=int,
@@ -40,7 +46,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="pipeline: record each worker with py-spy during the first "
                              f"saturated run ({REPORT_DIR}/profile/) and summarise")
-    parser.add_argument("--rounds", type=int, help="parse: rounds (default 5, quick 2)")
+    parser.add_argument("--rounds", type=int,
+                        help="parse: rounds (default 5, quick 2); ingest and persist: rounds "
+                             "(default 3, quick 1)")
     return parser.parse_args(argv)
 
 
@@ -105,6 +113,48 @@ def run_parse(options: argparse.Namespace) -> None:
     show("parse", figures, path)
 
 
+def run_ingest(options: argparse.Namespace) -> None:
+    quick = options.quick
+    settings = ingest_bench.IngestSettings(messages=1000 if quick else 5000,
+                                           rounds=options.rounds or (1 if quick else 3))
+    figures, extra = ingest_bench.run(settings)
+    path = write_report("ingest", figures, {
+        "messages": settings.messages, "message_size": settings.message_size,
+        "batch_size": settings.batch_size, "rounds": settings.rounds, "after": "keep",
+        "ceiling": "imapclient alone, UID FETCH BODY.PEEK[] in the same batch size",
+        "quick": quick}, extra)
+    show("ingest", figures, path)
+    if extra["peers_missing"]:
+        print(f"   peers not installed: {', '.join(extra['peers_missing'])} "
+              "(apt-get install isync fetchmail)")
+
+
+def run_persist(options: argparse.Namespace) -> None:
+    quick = options.quick
+    settings = persist_bench.PersistSettings(records=3000 if quick else 20_000,
+                                             rounds=options.rounds or (1 if quick else 3))
+    figures = persist_bench.run(settings)
+    path = write_report("persist", figures, {
+        "records": settings.records, "batch_size": settings.batch_size,
+        "rounds": settings.rounds, "record": "one routed 4 KB email with one delivery",
+        "ceiling": "SQLAlchemy Core executemany INSERTs of the same rows, same batches",
+        "quick": quick})
+    show("persist", figures, path)
+
+
+def run_memory(options: argparse.Namespace) -> None:
+    settings = memory_bench.MemorySettings(messages=500 if options.quick else 2000)
+    figures = memory_bench.run(settings)
+    path = write_report("memory", figures, {
+        "messages": settings.messages, "attachment_mb": settings.attachment_mb,
+        "quick": options.quick})
+    show("memory", figures, path)
+
+
+RUNNERS = {"parse": run_parse, "pipeline": run_pipeline, "ingest": run_ingest,
+           "persist": run_persist, "memory": run_memory}
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -115,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     # ignored -- unwind the with-blocks, which stop the workers and drop vhost and database.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _interrupt)
-    chosen = ["parse", "pipeline"] if options.which == "all" else [options.which]
+    chosen = list(RUNNERS) if options.which == "all" else [options.which]
     try:
         for name in chosen:
             progress(f"{name} benchmark{' (quick)' if options.quick else ''}")
-            (run_parse if name == "parse" else run_pipeline)(options)
+            RUNNERS[name](options)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

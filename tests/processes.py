@@ -38,7 +38,9 @@ class Workers:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.generation: dict[str, int] = {}
 
-    def start(self, *stages: str) -> None:
+    def start(self, *stages: str, module: str = "shared.cli",
+              env: dict[str, str] | None = None) -> None:
+        """Start each stage's worker; ``module`` and ``env`` let fault tests inject faults."""
         for stage in stages:
             generation = self.generation.get(stage, 0) + 1
             self.generation[stage] = generation
@@ -46,14 +48,18 @@ class Workers:
             log.write(f"--- start {generation}\n".encode())
             log.flush()
             self.processes[stage] = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "--config", str(self.config),
+                [sys.executable, "-m", module, "--config", str(self.config),
                  "worker", stage],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
             log.close()
 
     def log_path(self, stage: str) -> Path:
         return self.log_dir / f"{stage}.log"
+
+    def wait_exit(self, stage: str, timeout: float = 120) -> int:
+        """Wait for ``stage``'s process to end by itself; gives its return code."""
+        return self.processes[stage].wait(timeout=timeout)
 
     def kill(self, stage: str, sig: int = signal.SIGKILL) -> int:
         process = self.processes[stage]

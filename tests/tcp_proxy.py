@@ -27,6 +27,16 @@ class StallableProxy:
     def resume(self) -> None:
         self._flowing.set()
 
+    def cut(self) -> None:
+        """Drop every connection made so far (new ones are still accepted) and resume."""
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv()
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed.set()
         self._flowing.set()
