@@ -13,6 +13,7 @@ PermanentError("nesting-too-deep").
 from __future__ import annotations
 
 import binascii
+import codecs
 import hashlib
 import re
 import unicodedata
@@ -103,7 +104,32 @@ def raw_filename(part: Message, defects: list[str]) -> str | None:
         return None
     if name is None:
         return None
+    _check_rfc2231_names(part, defects)
     return decode_words(str(name), defects)
+
+
+_RFC2231_NAME = re.compile(r"(?:file)?name\*(?:\d+\*|\*?)=\s*\"?([^;\"]*)", re.IGNORECASE)
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_BAD_QP_ESCAPE = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r?\n|[ \t]*\r?$)", re.MULTILINE)
+
+
+def _known_charset(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
+def _check_rfc2231_names(part: Message, defects: list[str]) -> None:
+    """Record a defect for an RFC 2231 file name with a broken %-escape or an unknown charset."""
+    for header in ("content-disposition", "content-type"):
+        for value in _RFC2231_NAME.findall(unfold(str(part.get(header, "")))):
+            charset, quote, encoded = value.partition("'")
+            if quote and charset and not _known_charset(charset):
+                add_defect(defects, f"unknown-charset:{charset[:30].lower()}")
+            if _BAD_PERCENT.search(encoded if quote else value):
+                add_defect(defects, "bad-rfc2231-parameter")
 
 
 def _with_text_headers(part: Message) -> Message:
@@ -157,6 +183,9 @@ def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> b
             add_defect(defects, "not-base64")
             return encoded
         return decode_base64(encoded, defects)
+    if encoding == "quoted-printable" and _BAD_QP_ESCAPE.search(
+            payload.encode("utf-8", "surrogateescape")):
+        add_defect(defects, "bad-quoted-printable")
     try:
         data = part.get_payload(decode=True)
     except Exception:  # uuencode and quoted-printable oddities

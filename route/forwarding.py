@@ -118,15 +118,21 @@ def _decided_by(envelope: dict[str, Any]) -> str:
     return "envelope-from" if envelope.get("kind") == "wrapped" else f"envelope-{header}"
 
 
-def loop_reason(outer: dict[str, list[str]], inner: dict[str, list[str]]) -> str | None:
-    """Why this message must not become a delivery again, or None."""
+def loop_reason(outer: dict[str, list[str]], inner: dict[str, list[str]],
+                *, auto_submitted: bool = True) -> str | None:
+    """Why this message must not become a delivery again, or None.
+
+    ``auto_submitted``: an original marked Auto-Submitted counts as a loop (forwarded mail:
+    the forwarding rule must not feed automatic mail back); direct mail leaves auto-replies
+    to the record rules (``suppress``), since a customer's out-of-office reply is mail too.
+    """
     for where, headers in (("envelope", outer), ("message", inner)):
         if headers.get(LOOP_MARKER):
             return f"{where} carries mailroute's own {LOOP_MARKER} marker"
         received = _count(headers.get("received-count"))
         if received > MAX_RECEIVED:
             return f"{where} has {received} Received headers (more than {MAX_RECEIVED})"
-    for value in inner.get("auto-submitted", []):
+    for value in inner.get("auto-submitted", []) if auto_submitted else []:
         keyword = value.split(";", 1)[0].strip().lower()
         if keyword and keyword != "no":
             return f"the original is Auto-Submitted: {keyword[:40]} (RFC 3834)"

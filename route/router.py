@@ -25,7 +25,7 @@ from typing import Any
 
 from route.attachments import screen_attachments
 from route.directory import Directory, Principal, strict_address
-from route.forwarding import ForwardPolicy, forwarded_delivery
+from route.forwarding import ForwardPolicy, forwarded_delivery, loop_reason
 from route.history import History, NoHistory
 from route.rules import RuleFacts, first_matching_rule, is_auto_reply
 from route.threading import Correlation, TrackingToken, correlate, thread_facts
@@ -41,6 +41,9 @@ def route(parsed: dict[str, Any], directory: Directory,
     mailbox = source["mailbox"]
     if source["mailbox_kind"] == "forward" or parsed["envelope"]["kind"] != "direct":
         return [forwarded_delivery(parsed, directory, forwarding or ForwardPolicy())]
+    loop = loop_reason({}, parsed["email"].get("headers") or {}, auto_submitted=False)
+    if loop is not None:
+        raise PermanentError("mail-loop", loop)
     owners = directory.owners_of_mailbox(mailbox)
     if not owners:
         raise PermanentError("unassigned-mailbox",
