@@ -99,6 +99,8 @@ class Tables:
     deliveries: Table
     queue_items: Table
     mailbox_state: Table
+    mailbox_leases: Table
+    pop3_seen: Table
 
 
 def build_tables() -> Tables:
@@ -198,6 +200,26 @@ def build_tables() -> Tables:
         Column("messages_fetched", BigInteger, nullable=False),
         _one_of("status", MAILBOX_STATUSES, "status"),
     )
+    # The fleet's schedule: which ingest process holds a mailbox (until lease_until), when it
+    # is next due, and whether it is disabled (and why).  One row per configured mailbox.
+    mailbox_leases = Table(
+        "mailbox_leases", metadata,
+        Column("mailbox", String, primary_key=True),
+        Column("owner", String),
+        Column("lease_until", UtcDateTime),
+        Column("due_at", UtcDateTime, nullable=False),
+        Column("disabled_reason", Text),
+        Column("validity_resets", Integer, nullable=False),
+        Column("validity_reset_at", UtcDateTime),
+        Index(None, "due_at"),
+    )
+    # POP3 has no cursor: the UIDLs already handed to the broker, per mailbox.
+    pop3_seen = Table(
+        "pop3_seen", metadata,
+        Column("mailbox", String, primary_key=True),
+        Column("uidl", String, primary_key=True),
+        Column("seen_at", UtcDateTime, nullable=False),
+    )
     return Tables(
         metadata=metadata,
         emails=emails,
@@ -207,4 +229,6 @@ def build_tables() -> Tables:
         deliveries=deliveries,
         queue_items=queue_items,
         mailbox_state=mailbox_state,
+        mailbox_leases=mailbox_leases,
+        pop3_seen=pop3_seen,
     )

@@ -66,11 +66,13 @@ def _build_consumer_stage(name: str, settings: Settings, engine: Any) -> Any:
 
 def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Metrics,
                    stop: threading.Event) -> Callable[[], None]:
-    from ingest.worker import IngestWorker
+    from ingest.fleet import FleetPoller
+    from persist.mailbox_leases import LeaseStore
     from persist.mailbox_state import MailboxStateStore
 
-    worker = IngestWorker(settings, broker.publisher(), MailboxStateStore(engine), metrics)
-    return lambda: worker.run(stop)
+    poller = FleetPoller(settings, broker.publisher, MailboxStateStore(engine),
+                         LeaseStore(engine), metrics)
+    return lambda: poller.run(stop)
 
 
 @contextmanager

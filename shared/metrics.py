@@ -54,6 +54,18 @@ class Metrics:
         self.mailbox_last_success = Gauge(
             "mailroute_mailbox_last_success_timestamp_seconds",
             "Unix time of the mailbox's last successful poll", ["mailbox"], registry=r)
+        self.mailbox_alerts = Counter(
+            "mailroute_mailbox_alerts", "Alerts raised for a mailbox, by kind (auth, "
+            "uidvalidity, disabled)", ["mailbox", "kind"], registry=r)
+        self.mailbox_status = Gauge(
+            "mailroute_mailbox_status", "1 for the mailbox's current status (not-run, success, "
+            "failing, disabled), 0 for the others", ["mailbox", "status"], registry=r)
+        self.leases_held = Gauge(
+            "mailroute_ingest_leases_held", "Mailboxes this ingest process holds a lease on",
+            registry=r)
+        self.push_sessions = Gauge(
+            "mailroute_ingest_push_sessions", "IMAP IDLE sessions this ingest process holds",
+            registry=r)
         self.ready = Gauge(
             "mailroute_stage_ready", "1 while the stage is connected and consuming",
             ["stage"], registry=r)
