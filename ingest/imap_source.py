@@ -149,6 +149,15 @@ class ImapSource:
             return True
         return int(status[b"UIDNEXT"]) > last_uid + 1
 
+    def summary(self) -> str:
+        """For ``mailroute mailbox test``: the folder's size and UIDVALIDITY, without SELECT."""
+        client = self._require_client()
+        with self._translate("status"):
+            status = client.folder_status(self._mailbox.folder,
+                                          [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"])
+        return (f"folder {self._mailbox.folder}: {int(status[b'MESSAGES'])} message(s), "
+                f"UIDVALIDITY {int(status[b'UIDVALIDITY'])}, UIDNEXT {int(status[b'UIDNEXT'])}")
+
     def select(self) -> int:
         client = self._require_client()
         with self._translate("select"):

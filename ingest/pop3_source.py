@@ -130,6 +130,11 @@ class Pop3Source:
             except OSError:
                 log.debug("mailbox %s: could not close the connection", self._box.name)
 
+    def summary(self) -> str:
+        with self._translate("stat"):
+            count, size = self._require().stat()
+        return f"{count} message(s), {size} bytes"
+
     def batches(self, after_uid: int = 0) -> Iterator[Batch]:
         pop = self._require()
         with self._translate("uidl"):

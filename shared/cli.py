@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from shared.cli_mailbox import fleet_lines, mailbox, secret
 from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
 from shared.metrics import Metrics, MetricsServer
 from shared.runtime import StageRunner
@@ -244,18 +245,13 @@ def status(obj: Context) -> None:
     from persist.mailbox_state import MailboxStateStore
 
     engine = connect_or_fail("database", lambda: open_engine(settings))
-    states = {(s.mailbox, s.folder): s for s in MailboxStateStore(engine).all_states()}
-    click.echo(f"{'MAILBOX':<20} {'FOLDER':<10} {'STATUS':<9} {'LAST POLL':<26} "
-               f"{'FAILURES':>8}  LAST ERROR")
-    for box in settings.mailboxes:
-        folder = box.folder
-        state = states.get((box.name, folder))
-        if state is None:
-            click.echo(f"{box.name:<20} {folder:<10} {'not-run':<9} {'-':<26} {0:>8}")
-            continue
-        last = state.last_poll_at.isoformat(timespec="seconds") if state.last_poll_at else "-"
-        click.echo(f"{box.name:<20} {folder:<10} {state.status:<9} {last:<26} "
-                   f"{state.consecutive_failures:>8}  {state.last_error or ''}")
+    for line in fleet_lines(settings, engine):
+        click.echo(line)
+    counts: dict[str, int] = {}
+    for state in MailboxStateStore(engine).all_states():
+        counts[state.status] = counts.get(state.status, 0) + 1
+    click.echo(f"fleet: {len(settings.mailboxes)} mailbox(es); " + (", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items())) or "none polled yet"))
     broker = Broker(settings.broker)
     depths = connect_or_fail("broker", lambda: _queue_depths(broker))
     click.echo("")
@@ -277,6 +273,8 @@ def _queue_depths(broker: Broker) -> dict[str, tuple[int, int]]:
 
 
 # -- command groups from their own shared/cli_*.py modules (one add_command line each) ----
+main.add_command(mailbox)
+main.add_command(secret)
 
 
 if __name__ == "__main__":  # pragma: no cover
