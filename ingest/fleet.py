@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("not-run", "success", "failing", "disabled")
 JITTER = 0.2
+# A dropped IDLE session that had worked is reconnected at once, at most this often.
+RECONNECT_AT_MOST_EVERY_S = 60.0
 
 
 def new_owner_id() -> str:
@@ -66,6 +68,7 @@ class FleetPoller:
         self._lock = threading.Lock()
         self._polling: dict[str, Future[None]] = {}
         self._pushing: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._reconnected: dict[str, float] = {}
         self.polls_done = 0
 
     # ---- the loop ---------------------------------------------------------------------
@@ -238,6 +241,7 @@ class FleetPoller:
             return stop.is_set() or box_stop.is_set()
 
         next_due = None
+        opened_at: float | None = None
         try:
             with ImapSource(box, profile, credentials=self._credentials) as source:
                 log.info("mailbox %s: push (IDLE) session open", box.name)
@@ -246,13 +250,25 @@ class FleetPoller:
                                                still_mine=lambda: self._still_mine(box))
                     worker.record_success(box, count)
                     self._set_status(box, "success")
+                    opened_at = opened_at or time.monotonic()
                     # New mail ends the wait at once; else IDLE is re-issued after ``wait``
                     # and the folder is searched anyway (a dropped IDLE delays, never loses).
                     source.idle_wait(wait, ended)
             next_due = self._leases.now()
         except Exception as exc:
-            worker.record_failure(box, exc)
-            next_due = self._after_failure(box, exc)
+            last = self._reconnected.get(box.name, -RECONNECT_AT_MOST_EVERY_S)
+            if opened_at is not None and time.monotonic() - last > RECONNECT_AT_MOST_EVERY_S \
+                    and not isinstance(exc, MailboxAuthError | MailboxDisabled):
+                # A session that worked and was then dropped (server restart, idle timeout,
+                # kick) is no mailbox failure: reconnect at once (at most once a minute);
+                # a reconnect that fails counts as one and backs off.
+                self._reconnected[box.name] = time.monotonic()
+                log.warning("mailbox %s: IDLE session ended (%s); reconnecting", box.name,
+                            _describe(exc))
+                next_due = self._leases.now()
+            else:
+                worker.record_failure(box, exc)
+                next_due = self._after_failure(box, exc)
         finally:
             self._metrics.push_sessions.set(max(len(self._pushing) - 1, 0))
             if next_due is not None:
