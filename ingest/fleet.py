@@ -138,6 +138,8 @@ class FleetPoller:
         if free <= 0:
             return
         claimed = self._leases.claim(self.owner, sorted(self._boxes), fleet.lease_seconds, free)
+        if claimed:
+            log.debug("ingest poller %s claimed %d mailbox(es)", self.owner, len(claimed))
         for name in claimed:
             box = self._boxes[name]
             if box.push and push_free > 0:
