@@ -1,4 +1,4 @@
-"""``python -m bench [pipeline|parse|all] [--quick]``: run benchmarks, print and save figures.
+"""``python -m bench [pipeline|parse|fleet|all] [--quick]``: run benchmarks, print and save figures.
 
 Takes the command line; prints each figure with the ceiling measured in the same run and
 their ratio on stdout (progress goes to stderr) and writes ``var/bench/<name>.json``.  Exits
@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from bench import fleet as fleet_bench
 from bench import parse as parse_bench
 from bench import pipeline as pipeline_bench
 from bench.common import REPORT_DIR, BenchError, Figure, load_average, progress, write_report
@@ -23,7 +24,9 @@ from bench.profile import categorise, summarise
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="mailroute benchmarks (see bench/README.md)")
-    parser.add_argument("which", nargs="?", default="all", choices=["pipeline", "parse", "all"])
+    parser.add_argument("which", nargs="?", default="all",
+                        choices=["pipeline", "parse", "fleet", "all"],
+                        help="all = parse and pipeline; fleet runs on its own")
     parser.add_argument("--quick", action="store_true",
                         help="fewer messages, shorter offered-load phases, fewer rounds")
     parser.add_argument("--messages", type=int,
@@ -41,6 +44,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="pipeline: record each worker with py-spy during the first "
                              f"saturated run ({REPORT_DIR}/profile/) and summarise")
     parser.add_argument("--rounds", type=int, help="parse: rounds (default 5, quick 2)")
+    parser.add_argument("--mailboxes", type=int,
+                        help="fleet: mailboxes to cover (default 2000, quick 500)")
+    parser.add_argument("--idle-samples", type=int,
+                        help="fleet: APPENDs timed through IDLE (default 20, quick 8)")
     return parser.parse_args(argv)
 
 
@@ -108,6 +115,20 @@ def run_parse(options: argparse.Namespace) -> None:
         print(f"   differing fields: {equality['differing_fields']}")
 
 
+def run_fleet(options: argparse.Namespace) -> None:
+    settings = fleet_bench.FleetBenchSettings(
+        mailboxes=options.mailboxes or (500 if options.quick else 2000),
+        idle_samples=options.idle_samples or (8 if options.quick else 20))
+    figures = fleet_bench.run(settings)
+    path = write_report("fleet", figures, {
+        "mailboxes": settings.mailboxes, "pollers": list(settings.pollers),
+        "polls_at_a_time_per_poller": fleet_bench.THREADS, "idle_samples":
+        settings.idle_samples, "database": "PostgreSQL", "login": "Dovecot master user",
+        "ceiling": "bare imapclient LOGIN+STATUS+LOGOUT in 8 threads; bare IDLE session",
+        "quick": options.quick})
+    show("fleet", figures, path)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in chosen:
             progress(f"{name} benchmark{' (quick)' if options.quick else ''}")
-            (run_parse if name == "parse" else run_pipeline)(options)
+            {"parse": run_parse, "pipeline": run_pipeline, "fleet": run_fleet}[name](options)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -69,6 +69,7 @@ class FleetPoller:
         self._polling: dict[str, Future[None]] = {}
         self._pushing: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._reconnected: dict[str, float] = {}
+        self._wake = threading.Event()
         self.polls_done = 0
 
     # ---- the loop ---------------------------------------------------------------------
@@ -101,7 +102,9 @@ class FleetPoller:
                     log.error("ingest poller %s: %s; trying again", self.owner, _describe(exc))
                     stop.wait(min(5.0, renew_every))
                     continue
-                stop.wait(tick)
+                # A finished poll frees a slot: claim the next mailbox at once, not at the tick.
+                self._wake.wait(tick)
+                self._wake.clear()
         finally:
             stop.set()
             pool.shutdown(wait=True)
@@ -176,6 +179,7 @@ class FleetPoller:
                 except Exception as exc:
                     log.error("mailbox %s: lease not released (%s); it expires by itself",
                               box.name, _describe(exc))
+            self._wake.set()
 
     def _still_mine(self, box: MailboxSettings) -> bool:
         return self._leases.holds(self.owner, box.name)
