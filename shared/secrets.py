@@ -67,6 +67,12 @@ class Secret:
     def __reduce__(self) -> Any:
         raise TypeError("a Secret is not pickled")
 
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
+
 
 def reveal(value: Secret | str | None) -> str:
     """The text of a Secret (or of a plain string, as tests pass); '' for None."""

@@ -288,6 +288,14 @@ def test_pop3_deletes_after_processing(fleet: Fleet) -> None:
     assert fleet.state.seen_uidls(box.name) == set()  # gone from the server: forgotten
 
 
+def test_pop3_refuses_a_certificate_it_cannot_verify(fleet: Fleet) -> None:
+    box, settings = pop3(fleet, after="keep")
+    unverifiable = dataclasses.replace(settings.server("dovecot"), ca_file=None)
+    worker = fleet.worker(dataclasses.replace(settings, servers=(unverifiable,)))
+    with pytest.raises(MailboxUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        worker.poll_once(box)
+
+
 class DroppedBeforeQuit(Pop3Source):
     """The session dies after the DELEs, before QUIT: the server keeps the messages."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 import traceback
 from pathlib import Path
 
@@ -22,6 +24,9 @@ def test_a_secret_never_shows_its_value() -> None:
     assert "%s %r" % (secret, secret) == "*** ***"  # noqa: UP031 - the %-style logging uses
     assert secret.reveal() == PLAIN
     assert Secret(PLAIN) == secret and Secret("other") != secret
+    assert copy.deepcopy(secret) is secret
+    with pytest.raises(TypeError):
+        pickle.dumps(secret)
 
 
 def test_a_secret_is_redacted_in_logs_and_traceback_locals(
