@@ -143,6 +143,8 @@ class FleetPoller:
         claimed = self._leases.claim(self.owner, sorted(self._boxes), fleet.lease_seconds, free)
         if claimed:
             log.debug("ingest poller %s claimed %d mailbox(es)", self.owner, len(claimed))
+        # The forward mailbox (all forwarded users' mail) gets the IDLE slots first.
+        claimed.sort(key=lambda n: not (self._boxes[n].push and self._boxes[n].forward))
         for name in claimed:
             box = self._boxes[name]
             if box.push and push_free > 0:

@@ -134,7 +134,7 @@ class IngestWorker:
         cursor = self._state.cursor(box.name, box.folder)
         if cursor is not None and not source.has_news(cursor.uidvalidity, cursor.last_uid):
             return 0
-        after_uid = self._resume_point(box, source.uidvalidity)
+        after_uid = self._resume_point(box, source.uidvalidity, cursor)
         for batch in source.batches(after_uid):
             if still_mine is not None and not still_mine():
                 raise MailboxUnavailable(f"mailbox {box.name}: lease taken over by another "
@@ -164,10 +164,10 @@ class IngestWorker:
         if confirmed:
             log.info("mailbox %s: %d new message(s) published", box.name, confirmed)
 
-    def _resume_point(self, box: MailboxSettings, uidvalidity: int | None) -> int:
+    def _resume_point(self, box: MailboxSettings, uidvalidity: int | None,
+                      cursor: CursorLike | None) -> int:
         if uidvalidity is None:
-            return 0  # a Maildir: "new" is where the messages are, not a cursor
-        cursor = self._state.cursor(box.name, box.folder)
+            return 0  # a Maildir or POP3: no UID cursor
         if cursor is None:
             return 0
         if cursor.uidvalidity != uidvalidity:

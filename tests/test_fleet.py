@@ -469,6 +469,18 @@ def test_idle_delivers_new_mail_without_waiting_for_the_interval(fleet: Fleet) -
                  "mail after the dropped IDLE", 120)
 
 
+def test_idle_is_reissued_on_one_session_and_reports_new_mail(fleet: Fleet) -> None:
+    user = fleet.user()
+    box = fleet.box(user)
+    with ImapSource(box, fleet.settings(box).server("dovecot")) as source:
+        # Each wait ends with DONE; the next one issues IDLE again on the same session.
+        assert source.idle_wait(0.3) is False
+        assert source.idle_wait(0.3) is False
+        fleet.dovecot.deliver(user, message("idle-news"))
+        assert source.idle_wait(30) is True
+        assert source.new_uids(0) == [1]
+
+
 def _collect(fleet: Fleet, seen: list[str]) -> list[str]:
     seen += [marker_of(d["raw"]) for d in fleet.published()]
     return seen

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,11 +32,11 @@ from shared.secrets import Keyring
 from shared.settings import BrokerSettings
 from shared.transport import Broker
 from tests.broker_fixtures import Vhost, drain_queue
-from tests.db_fixtures import fresh_postgres_database
 from tests.dovecot import DovecotServer, dovecot_fixture
 from tests.processes import REPO, wait_for
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["tests.db_fixtures"]
 
 dovecot = dovecot_fixture(scope="module")
 
@@ -81,12 +80,6 @@ class Pollers:
                 process.wait()
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    with fresh_postgres_database() as url:
-        yield url
-
-
 def owners(engine: Engine) -> dict[str, str]:
     t = build_tables().mailbox_leases
     with engine.connect() as connection:
@@ -102,8 +95,9 @@ def last_polls(engine: Engine) -> dict[str, datetime]:
 
 
 def test_pollers_share_the_fleet_and_take_over_from_a_killed_one(
-        dovecot: DovecotServer, rabbit_vhost: Vhost, postgres_url: str,
+        dovecot: DovecotServer, rabbit_vhost: Vhost, empty_postgres_database_url: str,
         tmp_path: Path) -> None:
+    postgres_url = empty_postgres_database_url
     dovecot.add_master_user("fleetmaster", MASTER_PASSWORD)
     users = [f"fleet{i:03d}" for i in range(MAILBOXES)]
     for user in users:

@@ -57,6 +57,22 @@ def test_unusable_fleet_settings_name_the_key(tmp_path: Path, boxes: str, profil
         load_settings(config(tmp_path, boxes, profile), environ={})
 
 
+def test_an_oauth2_token_is_fetched_again_when_it_expires(tmp_path: Path) -> None:
+    from ingest.credentials import TokenSource
+
+    now = [1000.0]
+    token_file = tmp_path / "token"
+    token_file.write_text('{"access_token": "first", "expires_in": 120}')
+    tokens = TokenSource("u", None, str(token_file), clock=lambda: now[0])
+    assert tokens.token().reveal() == "first"
+    token_file.write_text('{"access_token": "second", "expires_in": 120}')
+    now[0] += 30
+    assert tokens.token().reveal() == "first"  # cached while valid
+    now[0] += 40  # a minute before expiry counts as expired
+    assert tokens.token().reveal() == "second" and tokens.fetches == 2
+    assert tokens.token(refresh=True).reveal() == "second" and tokens.fetches == 3
+
+
 def cli(path: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
     import os
