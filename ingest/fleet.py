@@ -65,6 +65,7 @@ class FleetPoller:
         self._credentials = Credentials()
         self._local = threading.local()
         self._boxes = {b.name: b for b in settings.mailboxes if b.enabled}
+        self._names = sorted(self._boxes)
         self._lock = threading.Lock()
         self._polling: dict[str, Future[None]] = {}
         self._pushing: dict[str, tuple[threading.Thread, threading.Event]] = {}
@@ -140,7 +141,7 @@ class FleetPoller:
             push_free = fleet.max_push - len(self._pushing)
         if free <= 0:
             return
-        claimed = self._leases.claim(self.owner, sorted(self._boxes), fleet.lease_seconds, free)
+        claimed = self._leases.claim(self.owner, self._names, fleet.lease_seconds, free)
         if claimed:
             log.debug("ingest poller %s claimed %d mailbox(es)", self.owner, len(claimed))
         # The forward mailbox (all forwarded users' mail) gets the IDLE slots first.

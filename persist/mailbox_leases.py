@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -69,20 +70,27 @@ class LeaseStore:
             return []
         t = self._table
         now = self._clock()
+        wanted = set(mailboxes)
         with translate_errors(), self._engine.begin() as connection:
-            query = (
-                select(t.c.mailbox)
-                .where(t.c.mailbox.in_(list(mailboxes)), t.c.disabled_reason.is_(None),
-                       t.c.due_at <= now, or_(t.c.owner.is_(None), t.c.lease_until < now))
-                .order_by(t.c.due_at)
-                .limit(limit)
-            )
-            if connection.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            names = list(connection.execute(query).scalars())
+            free = (t.c.disabled_reason.is_(None), t.c.due_at <= now,
+                    or_(t.c.owner.is_(None), t.c.lease_until < now))
+            # Usually every poller knows every row: claim without a list of thousands of
+            # names.  Rows it does not know (another configuration during a rollout) are
+            # only locked until this transaction ends; if any turn up, ask again by name so
+            # they cannot crowd out the ones it does know.
+            names = self._due(connection, select(t.c.mailbox).where(*free), limit)
+            if any(name not in wanted for name in names):
+                names = self._due(connection, select(t.c.mailbox).where(
+                    t.c.mailbox.in_(list(mailboxes)), *free), limit)
             if names:
                 self._set_lease(connection, names, owner, now + timedelta(seconds=lease_seconds))
         return names
+
+    def _due(self, connection: Connection, query: Any, limit: int) -> list[str]:
+        query = query.order_by(self._table.c.due_at).limit(limit)
+        if connection.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        return list(connection.execute(query).scalars())
 
     def claim_named(self, owner: str, mailbox: str, lease_seconds: float) -> bool:
         """Lease one mailbox now if it is free (due or not); for the CLI's test command."""

@@ -51,6 +51,17 @@ def test_each_mailbox_goes_to_one_owner_until_released(leases: LeaseStore, clock
     assert leases.claim("c", BOXES, 60, 10) == [first[0]]
 
 
+def test_mailboxes_another_configuration_knows_do_not_crowd_out_this_ones(
+        leases: LeaseStore, clock: Clock) -> None:
+    clock.advance(-60)
+    leases.ensure([f"other{i}" for i in range(10)])  # due a minute earlier than BOXES
+    clock.advance(60)
+    mine = BOXES[:3]
+    assert sorted(leases.claim("a", mine, 60, 3)) == mine
+    assert leases.claim("a", mine, 60, 3) == []
+    assert len(leases.claim("b", [f"other{i}" for i in range(10)], 60, 20)) == 10
+
+
 def test_an_expired_lease_is_taken_over_and_the_old_owner_learns_it(
         leases: LeaseStore, clock: Clock) -> None:
     held = leases.claim("dead", BOXES, 60, 20)
