@@ -260,6 +260,11 @@ class FleetPoller:
                     worker.record_success(box, count)
                     self._set_status(box, "success")
                     opened_at = opened_at or time.monotonic()
+                    if count:
+                        # The FETCH/STORE after the search may have carried the EXISTS of mail
+                        # that arrived meanwhile; IDLE would not announce it again.  Search
+                        # until a poll finds nothing, then idle.
+                        continue
                     # New mail ends the wait at once; else IDLE is re-issued after ``wait``
                     # and the folder is searched anyway (a dropped IDLE delays, never loses).
                     source.idle_wait(wait, ended)

@@ -177,9 +177,23 @@ class ImapSource:
         self._ensure_selected()
         client = self._require_client()
         deadline = time.monotonic() + timeout
-        news = False
+        # imaplib files untagged responses that come with a command's answer away instead of
+        # returning them; Dovecot reports mail that arrived just before IDLE along with its
+        # continuation.  Drop what earlier commands left (the poll that just ran searched
+        # after them), then look at what IDLE itself brought.
+        pending = getattr(getattr(client, "_imap", None), "untagged_responses", {})
+        for kind in ("EXISTS", "RECENT"):
+            pending.pop(kind, None)
+        # Dovecot does not always announce mail that arrived between the last command and
+        # IDLE; a NOOP first syncs the session and reports it.
+        with self._translate("noop"):
+            _, responses = client.noop()
+        if any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses) or any(
+                pending.pop(kind, None) for kind in ("EXISTS", "RECENT")):
+            return True
         with self._translate("idle"):
             client.idle()
+            news = any(pending.pop(kind, None) for kind in ("EXISTS", "RECENT"))
             try:
                 while not news and not stopped():
                     left = deadline - time.monotonic()

@@ -219,6 +219,9 @@ def run_operator_commands(config: Path, env: dict[str, str], users: list[str]) -
     assert listing.returncode == 0, listing.stderr
     rows = [line.split() for line in listing.stdout.splitlines()[1:]]
     assert len(rows) == MAILBOXES and all(row[2] == "success" for row in rows)
+    status = cli("status")
+    assert status.returncode == 0, status.stderr
+    assert f"fleet: {MAILBOXES} mailbox(es); {MAILBOXES} success" in status.stdout
     tested = cli("mailbox", "test", users[0])
     assert tested.returncode == 0, tested.stderr
     assert "ok:" in tested.stdout and "master user" in tested.stdout
