@@ -1,4 +1,5 @@
-"""``python -m bench [pipeline|parse|ingest|persist|memory|all] [--quick]``: run benchmarks.
+"""``python -m bench [pipeline|parse|ingest|persist|memory|fleet|all] [--quick]``: run
+benchmarks.
 
 Prints and saves the figures.
 
@@ -16,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from bench import fleet as fleet_bench
 from bench import ingest as ingest_bench
 from bench import memory as memory_bench
 from bench import parse as parse_bench
@@ -29,7 +31,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="mailroute benchmarks (see bench/README.md)")
     parser.add_argument("which", nargs="?", default="all",
-                        choices=["pipeline", "parse", "ingest", "persist", "memory", "all"])
+                        choices=["pipeline", "parse", "ingest", "persist", "memory", "fleet",
+                                 "all"],
+                        help="all = every benchmark but fleet, which runs on its own")
     parser.add_argument("--quick", action="store_true",
                         help="fewer messages, shorter offered-load phases, fewer rounds")
     parser.add_argument("--messages", type=int,
@@ -49,6 +53,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int,
                         help="parse: rounds (default 5, quick 2); ingest and persist: rounds "
                              "(default 3, quick 1)")
+    parser.add_argument("--mailboxes", type=int,
+                        help="fleet: mailboxes to cover (default 2000, quick 500)")
+    parser.add_argument("--idle-samples", type=int,
+                        help="fleet: APPENDs timed through IDLE (default 20, quick 8)")
     return parser.parse_args(argv)
 
 
@@ -151,8 +159,25 @@ def run_memory(options: argparse.Namespace) -> None:
     show("memory", figures, path)
 
 
+
+
+def run_fleet(options: argparse.Namespace) -> None:
+    settings = fleet_bench.FleetBenchSettings(
+        mailboxes=options.mailboxes or (500 if options.quick else 2000),
+        idle_samples=options.idle_samples or (8 if options.quick else 20))
+    figures = fleet_bench.run(settings)
+    path = write_report("fleet", figures, {
+        "mailboxes": settings.mailboxes, "pollers": list(settings.pollers),
+        "polls_at_a_time_per_poller": fleet_bench.THREADS, "idle_samples":
+        settings.idle_samples, "database": "PostgreSQL", "login": "Dovecot master user",
+        "ceiling": "bare imapclient LOGIN+STATUS+LOGOUT in 8 threads; bare IDLE session",
+        "quick": options.quick})
+    show("fleet", figures, path)
+
+
 RUNNERS = {"parse": run_parse, "pipeline": run_pipeline, "ingest": run_ingest,
-           "persist": run_persist, "memory": run_memory}
+           "persist": run_persist, "memory": run_memory, "fleet": run_fleet}
+ALL = ("parse", "pipeline", "ingest", "persist", "memory")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -165,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     # ignored -- unwind the with-blocks, which stop the workers and drop vhost and database.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _interrupt)
-    chosen = list(RUNNERS) if options.which == "all" else [options.which]
+    chosen = list(ALL) if options.which == "all" else [options.which]
     try:
         for name in chosen:
             progress(f"{name} benchmark{' (quick)' if options.quick else ''}")

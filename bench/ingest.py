@@ -34,6 +34,7 @@ from ingest.worker import IngestWorker
 from persist.database import create_engine_for
 from persist.mailbox_state import MailboxStateStore
 from shared.metrics import Metrics
+from shared.secrets import Secret
 from shared.settings import BrokerSettings, MailboxSettings, Settings
 from shared.transport import Broker
 from tests.dovecot import DovecotServer
@@ -88,7 +89,7 @@ def ours_rate(server: DovecotServer, settings: IngestSettings, broker_url: str,
     config = Settings(broker=BrokerSettings(url=broker_url),
                       servers=(server.server_profile(),),
                       mailboxes=(MailboxSettings(name="bench", server="dovecot",
-                                                 username=USER, password=PASSWORD,
+                                                 username=USER, password=Secret(PASSWORD),
                                                  after="keep",
                                                  batch_size=settings.batch_size),))
     config = replace(config, servers=(replace(config.servers[0], timeout=60.0),))

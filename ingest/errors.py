@@ -21,3 +21,7 @@ class MailboxAuthError(MailboxError):
 
 class MailboxUnavailable(MailboxError, TransientError):
     """The mailbox could not be read now (connection, TLS, timeout, protocol error)."""
+
+
+class MailboxDisabled(MailboxError):
+    """The mailbox must stop being polled until an operator re-enables it (with the reason)."""

@@ -2,8 +2,11 @@
 
 Takes a :class:`~shared.settings.MailboxSettings` and its server's
 :class:`~shared.settings.ServerProfile`; gives :class:`ImapSource`, a context manager that
-connects (TLS per the profile, certificates always verified unless ``verify_tls`` is false),
-logs in and selects the folder.  :meth:`ImapSource.batches` yields the messages whose UID is
+connects (TLS per the profile, certificates always verified unless ``verify_tls`` is false) and
+logs in (own password, master user, SASL authzid or XOAUTH2, see ``ingest.credentials``; an
+XOAUTH2 token the server refuses is refreshed once).  :meth:`ImapSource.has_news` is the cheap
+check (``STATUS UIDNEXT UIDVALIDITY``) before the folder is selected; :meth:`idle_wait` waits
+in IDLE for new mail.  :meth:`ImapSource.batches` yields the messages whose UID is
 above ``after_uid`` (``UID SEARCH n:*`` always returns the last message, so UIDs at or below
 the cursor are dropped), ``batch_size`` at a time, each body paired with the UID its own FETCH
 response carries; a message expunged meanwhile is simply missing.  :meth:`after_confirm`
@@ -17,18 +20,21 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
+from ingest.credentials import Credentials, Login
 from ingest.errors import MailboxAuthError, MailboxUnavailable
 from ingest.source import Batch, FetchedMessage
 from shared.logs import one_line
+from shared.secrets import reveal
 from shared.settings import MailboxSettings, ServerProfile
 
 log = logging.getLogger(__name__)
@@ -53,15 +59,20 @@ class ImapSource:
     """One IMAP folder, opened for one poll."""
 
     def __init__(self, mailbox: MailboxSettings, profile: ServerProfile,
-                 client_factory: ClientFactory = IMAPClient) -> None:
+                 client_factory: ClientFactory = IMAPClient,
+                 credentials: Credentials | None = None) -> None:
         self._mailbox = mailbox
         self._profile = profile
         self._client_factory = client_factory
+        self._credentials = credentials or Credentials()
         self._client: IMAPClient | None = None
         self._uidvalidity: int | None = None
+        self._selected = False
 
     @property
     def uidvalidity(self) -> int | None:
+        if not self._selected and self._client is not None:
+            self.select()
         return self._uidvalidity
 
     # ---- session ----------------------------------------------------------------------
@@ -91,21 +102,116 @@ class ImapSource:
                     client.starttls(tls_context(profile))
             # Aware datetimes as the server sent them, not converted to naive local time.
             client.normalise_times = False
-            try:
-                client.login(box.username or "", box.password or "")
-            except LoginError as exc:
-                raise MailboxAuthError(
-                    f"mailbox {box.name}: login as {box.username!r} on {profile.host} "
-                    f"refused: {_text(exc)}") from None
-            with self._translate("select"):
-                status = client.select_folder(box.folder)
-            self._uidvalidity = int(status[b"UIDVALIDITY"])
+            self._login(client, self._credentials.login_for(box, profile))
         except BaseException:
             self.close()
             raise
 
+    def _login(self, client: IMAPClient, login: Login) -> None:
+        box, profile = self._mailbox, self._profile
+        refused = f"mailbox {box.name}: {login.method} login as {login.login_name!r} " \
+                  f"on {profile.host} refused"
+        with self._translate("login"):
+            try:
+                if login.method == "xoauth2" and login.tokens is not None:
+                    try:
+                        client.oauth2_login(login.user, login.tokens.token().reveal())
+                    except LoginError:
+                        # The token may have expired early: one fresh token, then give up
+                        # for this poll (the mailbox is failing, not disabled).
+                        try:
+                            client.oauth2_login(login.user,
+                                                login.tokens.token(refresh=True).reveal())
+                        except LoginError as exc:
+                            raise MailboxUnavailable(f"{refused} with a fresh token: "
+                                                     f"{_text(exc)}") from None
+                elif login.method == "authzid":
+                    client.plain_login(login.login_name, reveal(login.password),
+                                       authorization_identity=login.user)
+                else:
+                    client.login(login.login_name, reveal(login.password))
+            except LoginError as exc:
+                raise MailboxAuthError(f"{refused}: {_text(exc)}") from None
+
+    # ---- the cheap check, and selecting -------------------------------------------------
+
+    def has_news(self, uidvalidity: int | None, last_uid: int) -> bool:
+        """False when STATUS says nothing arrived above ``last_uid`` under ``uidvalidity``.
+
+        On an already selected folder (an IDLE session) the search itself is the check.
+        """
+        if self._selected or uidvalidity is None:
+            return True
+        client = self._require_client()
+        with self._translate("status"):
+            status = client.folder_status(self._mailbox.folder, [b"UIDNEXT", b"UIDVALIDITY"])
+        if int(status[b"UIDVALIDITY"]) != uidvalidity:
+            return True
+        return int(status[b"UIDNEXT"]) > last_uid + 1
+
+    def summary(self) -> str:
+        """For ``mailroute mailbox test``: the folder's size and UIDVALIDITY, without SELECT."""
+        client = self._require_client()
+        with self._translate("status"):
+            status = client.folder_status(self._mailbox.folder,
+                                          [b"MESSAGES", b"UIDNEXT", b"UIDVALIDITY"])
+        return (f"folder {self._mailbox.folder}: {int(status[b'MESSAGES'])} message(s), "
+                f"UIDVALIDITY {int(status[b'UIDVALIDITY'])}, UIDNEXT {int(status[b'UIDNEXT'])}")
+
+    def select(self) -> int:
+        client = self._require_client()
+        with self._translate("select"):
+            status = client.select_folder(self._mailbox.folder)
+        self._uidvalidity = int(status[b"UIDVALIDITY"])
+        self._selected = True
+        return self._uidvalidity
+
+    def _ensure_selected(self) -> None:
+        if not self._selected:
+            self.select()
+
+    # ---- push -----------------------------------------------------------------------------
+
+    def idle_wait(self, timeout: float, stopped: Callable[[], bool] = lambda: False) -> bool:
+        """Wait in IDLE up to ``timeout`` s; True as soon as the server reports new mail."""
+        self._ensure_selected()
+        client = self._require_client()
+        deadline = time.monotonic() + timeout
+        # imaplib files untagged responses that come with a command's answer away instead of
+        # returning them; Dovecot reports mail that arrived just before IDLE along with its
+        # continuation.  Drop what earlier commands left (the poll that just ran searched
+        # after them), then look at what IDLE itself brought.
+        pending = getattr(getattr(client, "_imap", None), "untagged_responses", {})
+        for kind in ("EXISTS", "RECENT"):
+            pending.pop(kind, None)
+        # Dovecot does not always announce mail that arrived between the last command and
+        # IDLE; a NOOP first syncs the session and reports it.
+        with self._translate("noop"):
+            _, responses = client.noop()
+        if any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses) or any(
+                pending.pop(kind, None) for kind in ("EXISTS", "RECENT")):
+            return True
+        with self._translate("idle"):
+            client.idle()
+            news = any(pending.pop(kind, None) for kind in ("EXISTS", "RECENT"))
+            try:
+                while not news and not stopped():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    for response in client.idle_check(timeout=min(left, 1.0)):
+                        if len(response) > 1 and response[1] in (b"EXISTS", b"RECENT"):
+                            news = True
+                        if response and response[0] == b"BYE":
+                            raise MailboxUnavailable(
+                                f"mailbox {self._mailbox.name}: the server ended IDLE (BYE)")
+            finally:
+                client.idle_done()
+        return news
+
     def close(self) -> None:
         client, self._client = self._client, None
+        self._selected = False
         if client is None:
             return
         try:
@@ -120,12 +226,17 @@ class ImapSource:
 
     def new_uids(self, after_uid: int) -> list[int]:
         """UIDs above ``after_uid``, ascending (the n:* answer filtered to UIDs > n-1)."""
+        self._ensure_selected()
         client = self._require_client()
         with self._translate("search"):
-            found = client.search(["UID", f"{after_uid + 1}:*"])
+            if after_uid == 0 and self._mailbox.since:
+                found = client.search(["SINCE", date.fromisoformat(self._mailbox.since)])
+            else:
+                found = client.search(["UID", f"{after_uid + 1}:*"])
         return sorted({int(uid) for uid in found if int(uid) > after_uid})
 
     def batches(self, after_uid: int) -> Iterator[Batch]:
+        self._ensure_selected()
         uids = self.new_uids(after_uid)
         size = max(1, self._mailbox.batch_size)
         for start in range(0, len(uids), size):

@@ -40,6 +40,9 @@ class MaildirSource:
     def uidvalidity(self) -> int | None:
         return None
 
+    def has_news(self, uidvalidity: int | None, last_uid: int) -> bool:
+        return True
+
     def __enter__(self) -> MaildirSource:
         try:
             self._maildir = mailbox.Maildir(self._path, factory=None, create=False)

@@ -1,9 +1,10 @@
 """What every mailbox source gives the ingest worker: batches of fetched messages.
 
 Takes nothing; gives :class:`FetchedMessage`, :class:`Batch` and the :class:`MailSource`
-protocol that ``imap_source`` and ``maildir_source`` implement.  A source is opened as a
-context manager; :meth:`MailSource.batches` yields batches lazily (the next one is fetched
-only when asked for), and :meth:`MailSource.after_confirm` applies the mailbox's
+protocol that ``imap_source``, ``pop3_source`` and ``maildir_source`` implement.
+:meth:`MailSource.has_news` is the cheap check before fetching (IMAP ``STATUS``).  A source
+is opened as a context manager; :meth:`MailSource.batches` yields batches lazily (the next
+one is fetched only when asked for), and :meth:`MailSource.after_confirm` applies the mailbox's
 after-processing action (keep, seen, move, delete) to one batch.  The worker calls it only
 after the batch is confirmed by the broker and the cursor is saved.
 """
@@ -41,6 +42,8 @@ class MailSource(Protocol):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None: ...
+
+    def has_news(self, uidvalidity: int | None, last_uid: int) -> bool: ...
 
     def batches(self, after_uid: int) -> Iterator[Batch]: ...
 

@@ -25,9 +25,11 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ingest.errors import MailboxError
+from ingest.credentials import Credentials
+from ingest.errors import MailboxDisabled, MailboxError, MailboxUnavailable
 from ingest.imap_source import ImapSource
 from ingest.maildir_source import MaildirSource
+from ingest.pop3_source import Pop3Source
 from ingest.source import Batch, MailSource
 from shared.logs import one_line
 from shared.metrics import Metrics
@@ -58,6 +60,16 @@ class StateStore(Protocol):
     def record_poll(self, mailbox: str, folder: str, ok: bool, error: str | None = None,
                     fetched: int = 0, at: datetime | None = None) -> Any: ...
 
+    def seen_uidls(self, mailbox: str) -> set[str]: ...
+
+    def remember_uidls(self, mailbox: str, uidls: list[str]) -> None: ...
+
+    def forget_uidls(self, mailbox: str, gone: list[str]) -> None: ...
+
+
+class ResetCounter(Protocol):
+    def count_validity_reset(self, mailbox: str) -> int: ...
+
 
 SourceFactory = Callable[[MailboxSettings], MailSource]
 
@@ -73,65 +85,106 @@ class IngestWorker:
 
     def __init__(self, settings: Settings, publisher: Publisher, state_store: StateStore,
                  metrics: Metrics, clock: Callable[[], datetime] = _utc_now,
-                 source_factory: SourceFactory | None = None) -> None:
+                 source_factory: SourceFactory | None = None,
+                 credentials: Credentials | None = None,
+                 resets: ResetCounter | None = None) -> None:
         self._settings = settings
         self._publisher = publisher
         self._state = state_store
         self._metrics = metrics
         self._clock = clock
-        self._source_factory = source_factory or self._default_source
+        self._source_factory = source_factory or self.default_source
+        self._credentials = credentials or Credentials()
+        self._resets = resets
 
-    def _default_source(self, box: MailboxSettings) -> MailSource:
+    def default_source(self, box: MailboxSettings) -> MailSource:
         if box.kind == "maildir":
             return MaildirSource(box)
-        return ImapSource(box, self._settings.server(box.server or ""))
+        profile = self._settings.server(box.server or "")
+        if box.kind == "pop3":
+            return Pop3Source(box, profile, self._state.seen_uidls(box.name), self._credentials)
+        return ImapSource(box, profile, credentials=self._credentials)
 
     # ---- one poll ---------------------------------------------------------------------
 
-    def poll_once(self, box: MailboxSettings, stop: threading.Event | None = None) -> int:
+    def poll_once(self, box: MailboxSettings, stop: threading.Event | None = None,
+                  still_mine: Callable[[], bool] | None = None) -> int:
         """Fetch, publish and confirm every new message of ``box``; returns how many.
 
         With ``stop`` set, it ends after the batch in hand is finished (confirmed, cursor
-        saved, acted on); the rest waits for the next poll.
+        saved, acted on); the rest waits for the next poll.  ``still_mine`` is asked before
+        each batch is published: a poller whose lease was taken over stops there.
         """
-        confirmed = 0
+        confirmed = [0]
         try:
             with self._source_factory(box) as source:
-                after_uid = self._resume_point(box, source.uidvalidity)
-                for batch in source.batches(after_uid):
-                    self._publisher.publish(self._outputs(box, batch))
-                    if batch.uidvalidity is not None and batch.last_uid is not None:
-                        self._state.save_cursor(box.name, box.folder, batch.uidvalidity,
-                                                batch.last_uid)
-                    confirmed += len(batch.messages)
-                    self._metrics.mailbox_fetched.labels(mailbox=box.name).inc(
-                        len(batch.messages))
-                    source.after_confirm(batch)
-                    if stop is not None and stop.is_set():
-                        break
+                self.poll_source(box, source, stop, still_mine, confirmed)
         except Exception as exc:
-            self._record_failure(box, exc, confirmed)
+            self._record_failure(box, exc, confirmed[0])
             raise
+        self.record_success(box, confirmed[0])
+        return confirmed[0]
+
+    def poll_source(self, box: MailboxSettings, source: MailSource,
+                    stop: threading.Event | None = None,
+                    still_mine: Callable[[], bool] | None = None,
+                    confirmed: list[int] | None = None) -> int:
+        """One poll over an open source (also an IDLE session's); records nothing."""
+        counter = confirmed if confirmed is not None else [0]
+        cursor = self._state.cursor(box.name, box.folder)
+        if cursor is not None and not source.has_news(cursor.uidvalidity, cursor.last_uid):
+            return 0
+        after_uid = self._resume_point(box, source.uidvalidity, cursor)
+        for batch in source.batches(after_uid):
+            if still_mine is not None and not still_mine():
+                raise MailboxUnavailable(f"mailbox {box.name}: lease taken over by another "
+                                         "poller; stopping before publishing")
+            self._publisher.publish(self._outputs(box, batch))
+            if batch.uidvalidity is not None and batch.last_uid is not None:
+                self._state.save_cursor(box.name, box.folder, batch.uidvalidity,
+                                        batch.last_uid)
+            if isinstance(source, Pop3Source):
+                self._state.remember_uidls(box.name, [m.uid for m in batch.messages])
+            counter[0] += len(batch.messages)
+            self._metrics.mailbox_fetched.labels(mailbox=box.name).inc(len(batch.messages))
+            source.after_confirm(batch)
+            if stop is not None and stop.is_set():
+                break
+        if isinstance(source, Pop3Source):
+            listed = set(source.listed)
+            self._state.forget_uidls(box.name, sorted(self._state.seen_uidls(box.name)
+                                                      - listed))
+        return counter[0]
+
+    def record_success(self, box: MailboxSettings, confirmed: int) -> None:
         now = self._clock()
         self._state.record_poll(box.name, box.folder, ok=True, fetched=confirmed, at=now)
         self._metrics.mailbox_polls.labels(mailbox=box.name, outcome="success").inc()
         self._metrics.mailbox_last_success.labels(mailbox=box.name).set(now.timestamp())
         if confirmed:
             log.info("mailbox %s: %d new message(s) published", box.name, confirmed)
-        return confirmed
 
-    def _resume_point(self, box: MailboxSettings, uidvalidity: int | None) -> int:
+    def _resume_point(self, box: MailboxSettings, uidvalidity: int | None,
+                      cursor: CursorLike | None) -> int:
         if uidvalidity is None:
-            return 0  # a Maildir: "new" is where the messages are, not a cursor
-        cursor = self._state.cursor(box.name, box.folder)
+            return 0  # a Maildir or POP3: no UID cursor
         if cursor is None:
             return 0
         if cursor.uidvalidity != uidvalidity:
             # Every UID the cursor knew is meaningless now; start over.  Persisting the reset
             # at once keeps the next poll from resetting again if this one fails.
-            log.warning("mailbox %s folder %s: UIDVALIDITY changed from %s to %s; "
-                        "cursor reset, the folder is read again from the start",
-                        box.name, box.folder, cursor.uidvalidity, uidvalidity)
+            resets = self._resets.count_validity_reset(box.name) if self._resets else 1
+            self._metrics.mailbox_alerts.labels(mailbox=box.name, kind="uidvalidity").inc()
+            cap = self._settings.fleet.max_uidvalidity_resets
+            if resets > cap:
+                raise MailboxDisabled(
+                    f"mailbox {box.name}: UIDVALIDITY changed {resets} times within a day "
+                    f"(cap {cap}); not read again until `mailroute mailbox enable {box.name}`")
+            log.error("ALERT mailbox %s folder %s: UIDVALIDITY changed from %s to %s; "
+                      "cursor reset, the folder is read again from %s (reset %d of at most "
+                      "%d a day; records are deduplicated downstream)",
+                      box.name, box.folder, cursor.uidvalidity, uidvalidity,
+                      box.since or "the start", resets, cap)
             self._state.save_cursor(box.name, box.folder, uidvalidity, 0)
             return 0
         return cursor.last_uid
@@ -155,6 +208,9 @@ class IngestWorker:
             })
             for message in batch.messages
         ]
+
+    def record_failure(self, box: MailboxSettings, exc: Exception, confirmed: int = 0) -> None:
+        self._record_failure(box, exc, confirmed)
 
     def _record_failure(self, box: MailboxSettings, exc: Exception, confirmed: int) -> None:
         error = _describe(exc)
@@ -184,7 +240,7 @@ class IngestWorker:
                 # A failure is logged and recorded by poll_once; the other mailboxes go on.
                 with contextlib.suppress(Exception):
                     self.poll_once(box, stop)
-                due[box.name] = time.monotonic() + max(box.interval, 0.0)
+                due[box.name] = time.monotonic() + self._settings.interval_of(box)
             pause = min(due.values(), default=time.monotonic() + 60.0) - time.monotonic()
             stop.wait(max(pause, 0.0) if boxes else 60.0)
 

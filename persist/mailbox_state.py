@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -117,15 +117,64 @@ class MailboxStateStore:
             ).one()
         return MailboxState(**row._mapping)
 
-    def mark_disabled(self, mailbox: str, folder: str) -> None:
-        """Show a folder as deliberately not polled (for example removed from the config)."""
+    def mark_disabled(self, mailbox: str, folder: str, reason: str | None = None) -> None:
+        """Show a folder as deliberately not polled (removed from the config, or refused)."""
         t = self._table
+        changes: dict[str, Any] = {"status": "disabled"}
+        if reason is not None:
+            changes["last_error"] = reason[:500]
         with translate_errors(), self._engine.begin() as connection:
             self._ensure_row(connection, mailbox, folder)
             connection.execute(
-                update(t).where(t.c.mailbox == mailbox, t.c.folder == folder)
-                .values(status="disabled")
+                update(t).where(t.c.mailbox == mailbox, t.c.folder == folder).values(**changes)
             )
+
+    def mark_enabled(self, mailbox: str) -> None:
+        """After ``mailroute mailbox enable``: not run since, no failure streak."""
+        t = self._table
+        with translate_errors(), self._engine.begin() as connection:
+            connection.execute(
+                update(t).where(t.c.mailbox == mailbox, t.c.status == "disabled")
+                .values(status="not-run", consecutive_failures=0)
+            )
+
+    # ---- POP3: the UIDLs already handed to the broker ----------------------------------
+
+    def seen_uidls(self, mailbox: str) -> set[str]:
+        s = build_tables().pop3_seen
+        with translate_errors(), self._engine.connect() as connection:
+            return set(connection.execute(
+                select(s.c.uidl).where(s.c.mailbox == mailbox)).scalars())
+
+    def remember_uidls(self, mailbox: str, uidls: list[str]) -> None:
+        """Record UIDLs as handed on (call after the confirm, before DELE)."""
+        if not uidls:
+            return
+        s = build_tables().pop3_seen
+        now = self._clock()
+        with translate_errors(), self._engine.begin() as connection:
+            insert = (postgresql.insert(s) if connection.dialect.name == "postgresql"
+                      else sqlite.insert(s))
+            connection.execute(insert.values(
+                [{"mailbox": mailbox, "uidl": u, "seen_at": now} for u in uidls]
+            ).on_conflict_do_nothing())
+
+    def forget_uidls(self, mailbox: str, gone: list[str]) -> None:
+        """Drop UIDLs no longer on the server (they cannot come back)."""
+        if not gone:
+            return
+        s = build_tables().pop3_seen
+        with translate_errors(), self._engine.begin() as connection:
+            for start in range(0, len(gone), 500):
+                connection.execute(delete(s).where(s.c.mailbox == mailbox,
+                                                   s.c.uidl.in_(gone[start:start + 500])))
+
+    def state_of(self, mailbox: str, folder: str) -> MailboxState | None:
+        t = self._table
+        with translate_errors(), self._engine.connect() as connection:
+            row = connection.execute(
+                select(t).where(t.c.mailbox == mailbox, t.c.folder == folder)).first()
+        return MailboxState(**row._mapping) if row is not None else None
 
     def all_states(self) -> list[MailboxState]:
         t = self._table

@@ -122,6 +122,8 @@ class Tables:
     contact_addresses: Table
     cases: Table
     links: Table
+    mailbox_leases: Table
+    pop3_seen: Table
 
 
 def build_tables() -> Tables:
@@ -288,6 +290,26 @@ def build_tables() -> Tables:
         _one_of("target_kind", LINK_TARGETS, "target_kind"),
         Index(None, "target_kind", "target_id"),
     )
+    # The fleet's schedule: which ingest process holds a mailbox (until lease_until), when it
+    # is next due, and whether it is disabled (and why).  One row per configured mailbox.
+    mailbox_leases = Table(
+        "mailbox_leases", metadata,
+        Column("mailbox", String, primary_key=True),
+        Column("owner", String),
+        Column("lease_until", UtcDateTime),
+        Column("due_at", UtcDateTime, nullable=False),
+        Column("disabled_reason", Text),
+        Column("validity_resets", Integer, nullable=False),
+        Column("validity_reset_at", UtcDateTime),
+        Index(None, "due_at"),
+    )
+    # POP3 has no cursor: the UIDLs already handed to the broker, per mailbox.
+    pop3_seen = Table(
+        "pop3_seen", metadata,
+        Column("mailbox", String, primary_key=True),
+        Column("uidl", String, primary_key=True),
+        Column("seen_at", UtcDateTime, nullable=False),
+    )
     return Tables(
         metadata=metadata,
         emails=emails,
@@ -304,6 +326,8 @@ def build_tables() -> Tables:
         contact_addresses=contact_addresses,
         cases=cases,
         links=links,
+        mailbox_leases=mailbox_leases,
+        pop3_seen=pop3_seen,
     )
 
 

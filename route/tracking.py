@@ -5,7 +5,7 @@ Takes the principal's ``track`` mode, whether the sender is known (None when the
 address is missing or ambiguous) and the email's :class:`~route.threading.Correlation`;
 gives (tracked, reason).  Untracked mail is not dropped: its delivery is stored with
 ``tracked`` false and the reason, and the route stage counts it in
-``mailroute_route_untracked_total{reason}``.  Pure.
+``mailroute_messages_untracked_total{stage="route",reason}``.  Pure.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Takes parsed documents; gives one routed document each.  The decisions are
 ``route.history.History``); a message no one may receive is a ``PermanentError`` with the
 reason, which the runtime dead-letters; a lookup that cannot reach the database is a
 ``TransientError`` (retried).  Each untracked delivery is counted in
-``mailroute_route_untracked_total{reason}``.
+``mailroute_messages_untracked_total{stage="route",reason}``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class RouteStage:
         if self._metrics is not None:
             for delivery in decision.deliveries:
                 if not delivery["tracked"]:
-                    self._metrics.route_untracked.labels(
-                        reason=delivery["untracked_reason"]).inc()
+                    self._metrics.messages_untracked.labels(
+                        stage="route", reason=delivery["untracked_reason"]).inc()
         return [Output("routed", {
             "trace_id": document["trace_id"],
             "source": document["source"],

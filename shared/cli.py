@@ -23,6 +23,7 @@ import click
 from shared.cli_dead import dead
 from shared.cli_directory import directory
 from shared.cli_emails import emails
+from shared.cli_mailbox import fleet_lines, mailbox, secret
 from shared.cli_parse import parse_command
 from shared.cli_replay import replay
 from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
@@ -81,11 +82,13 @@ def _build_consumer_stage(name: str, settings: Settings, engine: Any,
 
 def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Metrics,
                    stop: threading.Event) -> Callable[[], None]:
-    from ingest.worker import IngestWorker
+    from ingest.fleet import FleetPoller
+    from persist.mailbox_leases import LeaseStore
     from persist.mailbox_state import MailboxStateStore
 
-    worker = IngestWorker(settings, broker.publisher(), MailboxStateStore(engine), metrics)
-    return lambda: worker.run(stop)
+    poller = FleetPoller(settings, broker.publisher, MailboxStateStore(engine),
+                         LeaseStore(engine), metrics)
+    return lambda: poller.run(stop)
 
 
 @contextmanager
@@ -260,18 +263,13 @@ def status(obj: Context) -> None:
     from persist.mailbox_state import MailboxStateStore
 
     engine = connect_or_fail("database", lambda: open_engine(settings))
-    states = {(s.mailbox, s.folder): s for s in MailboxStateStore(engine).all_states()}
-    click.echo(f"{'MAILBOX':<20} {'FOLDER':<10} {'STATUS':<9} {'LAST POLL':<26} "
-               f"{'FAILURES':>8}  LAST ERROR")
-    for box in settings.mailboxes:
-        folder = box.folder
-        state = states.get((box.name, folder))
-        if state is None:
-            click.echo(f"{box.name:<20} {folder:<10} {'not-run':<9} {'-':<26} {0:>8}")
-            continue
-        last = state.last_poll_at.isoformat(timespec="seconds") if state.last_poll_at else "-"
-        click.echo(f"{box.name:<20} {folder:<10} {state.status:<9} {last:<26} "
-                   f"{state.consecutive_failures:>8}  {state.last_error or ''}")
+    for line in fleet_lines(settings, engine):
+        click.echo(line)
+    counts: dict[str, int] = {}
+    for state in MailboxStateStore(engine).all_states():
+        counts[state.status] = counts.get(state.status, 0) + 1
+    click.echo(f"fleet: {len(settings.mailboxes)} mailbox(es); " + (", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items())) or "none polled yet"))
     broker = Broker(settings.broker)
     depths = connect_or_fail("broker", lambda: _queue_depths(broker))
     click.echo("")
@@ -298,6 +296,8 @@ main.add_command(replay)
 main.add_command(dead)
 main.add_command(emails)
 main.add_command(directory)
+main.add_command(mailbox)
+main.add_command(secret)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,22 +54,26 @@ class Metrics:
         self.mailbox_last_success = Gauge(
             "mailroute_mailbox_last_success_timestamp_seconds",
             "Unix time of the mailbox's last successful poll", ["mailbox"], registry=r)
-        self.route_untracked = Counter(
-            "mailroute_route_untracked", "Deliveries route recorded as untracked, by reason "
-            "(tracking-off, not-a-reply-to-tracked-mail, sender-not-a-contact, "
-            "sender-missing-or-ambiguous, suppressed-by-rule)", ["reason"], registry=r)
+        self.mailbox_alerts = Counter(
+            "mailroute_mailbox_alerts", "Alerts raised for a mailbox, by kind (auth, "
+            "uidvalidity, disabled)", ["mailbox", "kind"], registry=r)
+        self.mailbox_status = Gauge(
+            "mailroute_mailbox_status", "1 for the mailbox's current status (not-run, success, "
+            "failing, disabled), 0 for the others", ["mailbox", "status"], registry=r)
+        self.leases_held = Gauge(
+            "mailroute_ingest_leases_held", "Mailboxes this ingest process holds a lease on",
+            registry=r)
+        self.push_sessions = Gauge(
+            "mailroute_ingest_push_sessions", "IMAP IDLE sessions this ingest process holds",
+            registry=r)
         self.ready = Gauge(
             "mailroute_stage_ready", "1 while the stage is connected and consuming",
             ["stage"], registry=r)
-        # Set by ingest's mailbox fleet: 1 for the mailbox's current status, 0 for the others
-        # (not_run, success, failing, disabled).
-        self.mailbox_status = Gauge(
-            "mailroute_mailbox_status", "1 for the mailbox's current status, else 0",
-            ["mailbox", "status"], registry=r)
-        # A message the pipeline deliberately leaves without a record (no one may receive it,
-        # a loop, quarantined): counted by the stage that decided it, with the reason.
+        # Mail the pipeline deliberately leaves untracked (route: tracking-off,
+        # not-a-reply-to-tracked-mail, sender-not-a-contact, sender-missing-or-ambiguous,
+        # suppressed-by-rule), counted by the stage that decided it, with the reason.
         self.messages_untracked = Counter(
-            "mailroute_messages_untracked", "Messages left without a record, by reason",
+            "mailroute_messages_untracked", "Deliveries left untracked, by stage and reason",
             ["stage", "reason"], registry=r)
 
     def watch(self, collector: Any) -> None:

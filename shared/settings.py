@@ -20,15 +20,18 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from shared.secrets import Keyring, Secret, SecretError
+
 ENV_PREFIX = "MAILROUTE_"
 
 AfterAction = Literal["keep", "seen", "move", "delete"]
-MailboxKind = Literal["imap", "maildir"]
+MailboxKind = Literal["imap", "maildir", "pop3"]
 TlsMode = Literal["ssl", "starttls", "none"]
 TRACK_MODES = ("all", "replies", "contacts", "none")
 SenderCondition = Literal["any", "known", "unknown"]
@@ -37,6 +40,9 @@ DEFAULT_BLOCKED_EXTENSIONS = (
     ".exe", ".com", ".bat", ".cmd", ".scr", ".pif", ".js", ".jse", ".vbs", ".vbe", ".wsf",
     ".msi", ".ps1", ".jar", ".hta", ".cpl", ".lnk",
 )
+AuthMethod = Literal["login", "xoauth2"]
+MasterMode = Literal["separator", "authzid"]
+DEFAULT_INTERVAL = 60.0
 
 
 class ConfigError(ValueError):
@@ -115,6 +121,22 @@ class ServerProfile:
     verify_tls: bool = True
     ca_file: str | None = None
     timeout: float = 30.0
+    # The mailbox fleet (issue 5): shared defaults for the mailboxes on this server.
+    auth: AuthMethod = "login"
+    interval: float | None = None
+    # A master/admin login that opens users' mailboxes (Dovecot master users, Exchange
+    # impersonation): "separator" logs in as "<user><separator><master_user>", "authzid"
+    # uses SASL PLAIN with the user as authorization identity.
+    master_user: str | None = None
+    master_password: Secret | None = field(default=None, repr=False)
+    master_mode: MasterMode = "separator"
+    master_separator: str = "*"
+    # XOAUTH2 tokens: a command (``{user}`` is replaced by the mailbox's username) whose
+    # output is the token or {"access_token", "expires_in"} JSON, or a file holding either.
+    oauth2_token_command: str | None = None
+    oauth2_token_file: str | None = None
+    # IMAP IDLE is re-issued this often (RFC 2177: servers may drop it after 30 minutes).
+    idle_refresh: float = 25 * 60.0
 
 
 @dataclass(frozen=True)
@@ -125,13 +147,14 @@ class MailboxSettings:
     kind: MailboxKind = "imap"
     server: str | None = None
     username: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: Secret | None = field(default=None, repr=False)
     folder: str = "INBOX"
     path: str | None = None
     forward: bool = False
     after: AfterAction = "seen"
     move_to: str | None = None
-    interval: float = 60.0
+    # Seconds between polls; None takes the server profile's, else 60.
+    interval: float | None = None
     batch_size: int = 200
     # Forward mailboxes only.  ``address``: the mailbox's own address, never taken for a
     # forwarder.  ``authserv_id``: the Authentication-Results headers of this server id are
@@ -140,6 +163,14 @@ class MailboxSettings:
     address: str | None = None
     authserv_id: str | None = None
     require_proof: bool = False
+    # Keep an IMAP IDLE session open and fetch as soon as mail arrives (polling backs it).
+    push: bool = False
+    # "Process email from": the first poll (and a poll after a UIDVALIDITY reset) reads
+    # only messages that arrived on or after this date (YYYY-MM-DD); IMAP only.
+    since: str | None = None
+    oauth2_token_command: str | None = None
+    oauth2_token_file: str | None = None
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -230,6 +261,31 @@ class RuleSettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """How ingest processes share the mailboxes (leases in the database) and treat failures."""
+
+    # A poller renews its leases every lease_seconds/3; a dead poller's mailboxes are free
+    # to take over lease_seconds after its last renewal.
+    lease_seconds: float = 60.0
+    # Mailboxes polled at the same time by one process (threads).
+    concurrency: int = 8
+    # At most this many IDLE sessions held by one process.
+    max_push: int = 50
+    # Back-off after failures: interval * 2^(failures-1), capped, with +-20 % jitter.
+    max_backoff: float = 900.0
+    # More UIDVALIDITY resets than this within a day disables the mailbox.
+    max_uidvalidity_resets: int = 3
+
+
+@dataclass(frozen=True)
+class SecretSettings:
+    """Fernet keys for ``enc:`` values: comma-separated, newest first, or in a file."""
+
+    keys: Secret | None = field(default=None, repr=False)
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     broker: BrokerSettings = BrokerSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -248,6 +304,18 @@ class Settings:
     threading: ThreadingSettings = ThreadingSettings()
     attachments: AttachmentSettings = AttachmentSettings()
     rules: tuple[RuleSettings, ...] = ()
+    fleet: FleetSettings = FleetSettings()
+    secrets: SecretSettings = SecretSettings()
+
+    def interval_of(self, box: MailboxSettings) -> float:
+        """The mailbox's own interval, else its server profile's, else 60 s."""
+        if box.interval is not None:
+            return box.interval
+        if box.server:
+            for profile in self.servers:
+                if profile.name == box.server and profile.interval is not None:
+                    return profile.interval
+        return DEFAULT_INTERVAL
 
     def server(self, name: str) -> ServerProfile:
         for profile in self.servers:
@@ -286,6 +354,7 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
     _forward_mailbox_defaults(data)
     settings = _build(Settings, data, "")
     settings = _resolve_paths(settings, base_dir)
+    settings = _decrypt_secrets(settings)
     _validate(settings)
     return settings
 
@@ -345,6 +414,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
         return tuple(_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if hint is Secret:
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string")
+        return Secret(str(value))
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)  # type: ignore[arg-type]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -369,6 +442,34 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     return dataclasses.replace(settings, mailboxes=boxes)
 
 
+def _decrypt_secrets(settings: Settings) -> Settings:
+    """Replace every ``enc:`` password with its decrypted text (still a Secret)."""
+    encrypted = [b.password for b in settings.mailboxes if b.password and b.password.is_encrypted]
+    encrypted += [p.master_password for p in settings.servers
+                  if p.master_password and p.master_password.is_encrypted]
+    if not encrypted:
+        return settings
+    try:
+        keyring = Keyring.load(settings.secrets.keys, settings.secrets.key_file)
+    except SecretError as exc:
+        raise ConfigError(f"secrets: {exc}") from None
+
+    def opened(value: Secret | None, where: str) -> Secret | None:
+        if value is None or not value.is_encrypted:
+            return value
+        try:
+            return Secret(keyring.decrypt(value.reveal()))
+        except SecretError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    boxes = tuple(dataclasses.replace(b, password=opened(b.password, f"mailboxes.{b.name}"
+                                                                      ".password"))
+                  for b in settings.mailboxes)
+    servers = tuple(dataclasses.replace(p, master_password=opened(
+        p.master_password, f"servers.{p.name}.master_password")) for p in settings.servers)
+    return dataclasses.replace(settings, mailboxes=boxes, servers=servers)
+
+
 def _validate(settings: Settings) -> None:
     journal = settings.broker.journal
     if not re.fullmatch(r"[1-9][0-9]*[YMDhms]", journal.max_age):
@@ -381,19 +482,43 @@ def _validate(settings: Settings) -> None:
     for name in {n for n in names if names.count(n) > 1}:
         raise ConfigError(f"mailboxes: the name {name!r} is used twice")
     server_names = {s.name for s in settings.servers}
+    profiles = {s.name: s for s in settings.servers}
+    for server in settings.servers:
+        if server.interval is not None and server.interval <= 0:
+            raise ConfigError(f"servers.{server.name}.interval: must be positive")
+        if server.master_user and not server.master_password:
+            raise ConfigError(f"servers.{server.name}.master_password: a master_user needs it")
+        if server.idle_refresh <= 0 or server.idle_refresh >= 29 * 60:
+            raise ConfigError(f"servers.{server.name}.idle_refresh: must be under 29 minutes")
     for box in settings.mailboxes:
+        profile = profiles.get(box.server or "")
+        if profile is not None and profile.auth == "xoauth2" and not (
+                box.oauth2_token_command or box.oauth2_token_file
+                or profile.oauth2_token_command or profile.oauth2_token_file):
+            raise ConfigError(f"mailboxes.{box.name}: auth xoauth2 needs oauth2_token_command "
+                              "or oauth2_token_file (on the mailbox or its server)")
         where = f"mailboxes.{box.name}"
-        if box.kind == "imap":
+        if box.kind in ("imap", "pop3"):
             if box.server not in server_names:
                 raise ConfigError(f"{where}.server: no server profile named {box.server!r}")
             if not box.username:
                 raise ConfigError(f"{where}.username: an IMAP mailbox needs a username")
+        if box.kind == "pop3" and box.after == "move":
+            raise ConfigError(f"{where}.after: POP3 has no folders; use keep, seen or delete")
+        if box.push and box.kind != "imap":
+            raise ConfigError(f"{where}.push: IDLE needs an IMAP mailbox")
+        if box.since is not None:
+            try:
+                date.fromisoformat(box.since)
+            except ValueError:
+                raise ConfigError(f"{where}.since: {box.since!r} is not a date (YYYY-MM-DD)") \
+                    from None
         if box.kind == "maildir" and not box.path:
             raise ConfigError(f"{where}.path: a Maildir mailbox needs a path")
         if box.kind == "maildir" and box.after == "move":
             raise ConfigError(f"{where}.after: move is for IMAP folders; a Maildir takes "
                               "keep, seen or delete")
-        if box.interval <= 0 or box.batch_size <= 0:
+        if (box.interval is not None and box.interval <= 0) or box.batch_size <= 0:
             raise ConfigError(f"{where}: interval and batch_size must be positive")
         if box.after == "move" and not box.move_to:
             raise ConfigError(f"{where}.move_to: after=move needs a folder to move to")

@@ -84,6 +84,9 @@ class DovecotServer:
         (self.root / "run").mkdir()
         (self.root / "state").mkdir()
         self.passwd_dir.mkdir()
+        # Master users (``user*master`` or SASL PLAIN authzid) log in to any user's mailbox.
+        self.masters_path = self.root / "masters"
+        self.masters_path.write_text("")
         if self.tls:
             self._make_certificate()
         self.config_path.write_text(self._config())
@@ -186,6 +189,15 @@ class DovecotServer:
         tmp = self.passwd_dir / f".{name}.tmp"
         tmp.write_text(line)
         os.replace(tmp, target)
+
+    def add_master_user(self, name: str, password: str) -> None:
+        """A master user: ``<user>*<name>`` with this password opens any user's mailbox."""
+        lines = [line for line in self.masters_path.read_text().splitlines()
+                 if not line.startswith(f"{name}:")]
+        lines.append(f"{name}:{{PLAIN}}{password}")
+        tmp = self.root / ".masters.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.masters_path)
 
     def password(self, user: str) -> str:
         return self._passwords[user]
@@ -302,12 +314,20 @@ log_path = {self.log_path}
 info_log_path = {self.log_path}
 debug_log_path = {self.log_path}
 {ssl}disable_plaintext_auth = no
-auth_mechanisms = plain login
+# XOAUTH2/OAUTHBEARER check the bearer token against the passdb like a password, so a
+# user whose password is a token stands in for an OAuth2 server in tests.
+auth_mechanisms = plain login xoauth2 oauthbearer
+auth_master_user_separator = *
 # Tests check refused logins; the default 2 s delay only slows them down.
 auth_failure_delay = 0
 {self._users_config()}mail_location = maildir:~/Maildir
 mail_privileged_group =
 pop3_uidl_format = %08Xu%08Xv
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {self.masters_path}
+}}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN {self.passwd_dir}/%Lu

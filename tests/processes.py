@@ -93,7 +93,7 @@ class Workers:
         found = re.search(r"metrics: http://[\d.]+:(\d+)/metrics", text)
         return int(found.group(1)) if found else None
 
-    def counter(self, stage: str, name: str, **labels: str) -> float:
+    def counter(self, stage: str, name: str, /, **labels: str) -> float:
         """The sum of a counter's samples in ``stage``'s current process (0 if not up yet)."""
         port = self.metrics_port(stage)
         if port is None:

@@ -189,8 +189,8 @@ def test_conversation_ends_with_exactly_the_expected_records(
             references="m1@customer.example m2@customer.example",
             attachment=("fire-extinguisher.exe", b"MZ\x90\x00")))
         step(6, "the reply with a blocked attachment")
-        wait_for(lambda: workers.counter("route", "mailroute_route_untracked_total",
-                                         reason="suppressed-by-rule") == 1,
+        wait_for(lambda: workers.counter("route", "mailroute_messages_untracked_total",
+                                         stage="route", reason="suppressed-by-rule") == 1,
                  "the auto-reply to be counted as untracked", on_timeout=workers.logs)
     finally:
         codes = workers.stop_all()

@@ -184,7 +184,7 @@ def test_route_stage_counts_untracked_mail_by_reason() -> None:
     stage = RouteStage(Router(settings("none")), metrics=metrics)
     stage.handle(parsed(build()))
     assert metrics.registry.get_sample_value(
-        "mailroute_route_untracked_total", {"reason": "tracking-off"}) == 1
+        "mailroute_messages_untracked_total", {"stage": "route", "reason": "tracking-off"}) == 1
 
 
 # -- threading, every method ----------------------------------------------------------------

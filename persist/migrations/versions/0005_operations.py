@@ -1,7 +1,7 @@
 """Operations: where each journal replay has got to (replay_positions).
 
 Revision ID: 0005_operations
-Revises: 0003_crm_records
+Revises: 0004_mailbox_fleet
 Create Date: 2026-11-27 08:40:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_operations"
-down_revision: str | None = "0003_crm_records"
+down_revision: str | None = "0004_mailbox_fleet"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
