@@ -1,10 +1,11 @@
 """deploy/: alert rules (promtool), the metrics they and the dashboard use, a real Prometheus
 scraping a running worker, and the Compose file and Kubernetes manifests.
 
-The Compose file and manifests are checked structurally with PyYAML (this machine has no
-``docker compose`` plugin and no cluster for ``kubectl --dry-run``); ``kubectl kustomize``
-builds the manifests when kubectl is installed, and ``docker compose config`` runs when the
-plugin is.
+The Compose file is validated against the Compose Specification's JSON schema (vendored by
+check-jsonschema; this machine has no ``docker compose`` plugin), and ``docker compose
+config`` runs where the plugin is.  The manifests are checked structurally with PyYAML (no
+cluster for ``kubectl --dry-run``); ``kubectl kustomize`` builds them when kubectl is
+installed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -234,6 +236,14 @@ def test_compose_file_has_every_service_wired() -> None:
         result = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"),
                                  "config", "--quiet"], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
+
+
+def test_compose_file_validates_against_the_compose_specification() -> None:
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    result = subprocess.run([str(checker), "--builtin-schema", "vendor.compose-spec",
+                             str(DEPLOY / "compose.yaml")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def compose_plugin_available() -> bool:

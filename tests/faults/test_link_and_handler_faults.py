@@ -105,7 +105,9 @@ def test_unroutable_publish_fails_and_leaves_the_cursor_alone(
     broker = Broker(settings.broker)
     broker.declare()
     vhost = urllib.parse.quote(rabbit_vhost.name, safe="")
-    management("DELETE", f"/api/queues/{vhost}/mail.parse")  # raw now routes nowhere
+    # raw now routes nowhere: neither to the parse queue nor to the journal bound beside it
+    management("DELETE", f"/api/queues/{vhost}/mail.parse")
+    management("DELETE", f"/api/queues/{vhost}/{settings.broker.prefix}.journal")
     state = MailboxStateStore(engine)
     worker = IngestWorker(settings, broker.publisher(), state, Metrics())
     with pytest.raises(TransientError, match="unroutable"):
