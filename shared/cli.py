@@ -26,7 +26,7 @@ from shared.cli_emails import emails
 from shared.cli_mailbox import fleet_lines, mailbox, secret
 from shared.cli_parse import parse_command
 from shared.cli_replay import replay
-from shared.cli_support import Context, connect_or_fail, open_engine, safe_url
+from shared.cli_support import Context, MailrouteGroup, connect_or_fail, open_engine, safe_url
 from shared.metrics import Metrics, MetricsServer
 from shared.queue_metrics import watch_queue_depths
 from shared.runtime import StageRunner
@@ -39,7 +39,7 @@ log = logging.getLogger("mailroute")
 STAGE_PORT_OFFSET = {"ingest": 0, "parse": 1, "route": 2, "persist": 3}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MailrouteGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--config", envvar="MAILROUTE_CONFIG", type=click.Path(dir_okay=False),
               help="YAML configuration file (env MAILROUTE_CONFIG). Without it: embedded "
                    "defaults (memory broker, SQLite under ./var). Any key can be overridden "

@@ -15,12 +15,34 @@ from typing import Any
 
 import click
 
+from shared.errors import TransientError
 from shared.logs import configure_logging
 from shared.settings import ConfigError, Settings, load_settings
 
 
 class ConfigProblem(click.ClickException):
     exit_code = 2
+
+
+class MailrouteGroup(click.Group):
+    """The command group: a database or connection failure that escapes a command becomes a
+    one-line error (exit status 1), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return super().invoke(ctx)
+        except SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
+            first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            raise click.ClickException(
+                f"database: {type(cause).__name__}: {first_line} "
+                "(is the schema current? mailroute db upgrade)") from exc
+        except (ConnectionError, TransientError) as exc:
+            # the stores report database trouble as TransientError("database unavailable: ...")
+            raise click.ClickException(f"{exc} (is the server up and the schema current? "
+                                       "mailroute db upgrade)") from exc
 
 
 @dataclass

@@ -123,6 +123,23 @@ def test_unreachable_database_is_named_without_a_traceback(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
 
 
+def test_a_database_error_inside_a_command_is_one_line_without_a_traceback(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'damaged.db'}"
+    env = {**os.environ, "MAILROUTE_DATABASE__URL": url, "PYTHONPATH": str(REPO)}
+    upgraded = subprocess.run([sys.executable, "-m", "shared.cli", "db", "upgrade"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert upgraded.returncode == 0, upgraded.stderr
+    with create_engine_for(url).begin() as connection:  # a schema damaged by hand
+        connection.exec_driver_sql("DROP TABLE mailbox_leases")
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "mailbox", "list"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no such table: mailbox_leases" in result.stderr.splitlines()[-1]
+    assert result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.stderr
+
+
 def test_help_explains_every_command() -> None:
     result = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
