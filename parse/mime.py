@@ -178,6 +178,12 @@ def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> b
         return b""
     encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
     if encoding == "base64":
+        if payload.isascii():
+            # a2b_base64 reads an ASCII str in place: no bytes copy of a big attachment
+            if text and _not_base64(payload[:_BASE64_SAMPLE].encode("ascii")):
+                add_defect(defects, "not-base64")
+                return payload.encode("ascii")
+            return decode_base64(payload, defects)
         encoded = payload.encode("utf-8", "surrogateescape")
         if text and _not_base64(encoded):
             add_defect(defects, "not-base64")
@@ -194,13 +200,18 @@ def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> b
     return data if isinstance(data, bytes) else b""
 
 
-def decode_base64(data: bytes, defects: list[str]) -> bytes:
-    """Lenient base64: stray characters skipped, a broken tail dropped, with a defect."""
+def decode_base64(data: bytes | str, defects: list[str]) -> bytes:
+    """Lenient base64: stray characters skipped, a broken tail dropped, with a defect.
+
+    ``data`` may be an ASCII str (read in place).
+    """
     try:
         return binascii.a2b_base64(data, strict_mode=False)
     except binascii.Error:
         pass
     add_defect(defects, "broken-base64")
+    if isinstance(data, str):
+        data = data.encode("ascii")
     cleaned = _NOT_BASE64.sub(b"", data.split(b"=", 1)[0])
     usable = len(cleaned) - len(cleaned) % 4
     tail = cleaned[usable:]
