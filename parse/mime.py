@@ -72,13 +72,25 @@ def leaves(message: Message, max_depth: int, defects: list[str],
             raise PermanentError("nesting-too-deep", f"more than {max_depth} levels")
         part_defects(part, defects)
         content_type = content_type_of(part)
-        payload = part.get_payload()
+        payload = stored_payload(part)
         if content_type.startswith("multipart/") and isinstance(payload, list):
             stack.extend((sub, depth + 1) for sub in reversed(payload)
                          if isinstance(sub, Message))
         else:
             found.append(Leaf(part, content_type, depth))
     return found
+
+
+def stored_payload(part: Message) -> Any:
+    """``part.get_payload()``, without its whole-payload copy for a plain ASCII payload.
+
+    compat32's ``get_payload()`` encodes a str payload whole just to look for surrogates: a
+    passing copy the size of the attachment.  An ASCII str has none and is returned as it is.
+    """
+    payload = getattr(part, "_payload", None)
+    if isinstance(payload, str) and payload.isascii():
+        return payload
+    return part.get_payload()
 
 
 def content_type_of(part: Message) -> str:
@@ -173,7 +185,7 @@ def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> b
     """
     if part.is_multipart():
         return message_part_bytes(part, defects)
-    payload = part.get_payload()
+    payload = stored_payload(part)
     if not isinstance(payload, str):
         return b""
     encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
