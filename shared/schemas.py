@@ -8,8 +8,8 @@ edge's schema; :meth:`Codec.encode` does the reverse.  ``decode`` raises
 match its schema, since such a message will never get better by retrying.
 
 Big byte strings (a raw message, an attachment's content) are the bulk of a document; they are
-base64-encoded straight into the output bytes and decoded straight from the JSON string, so
-that a 25 MB attachment costs one copy per form, not four (issue 8's memory target).
+base64-encoded straight into the output bytes and decoded straight from the delivery's bytes,
+so that a 25 MB attachment costs one copy, not four or five (issue 8's memory target).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import base64
 import binascii
 import io
 import json
+import re
 import secrets
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -40,10 +41,12 @@ class Base64Bytes(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
         if not isinstance(value, str):
             raise ValidationError("expected base64 text")
+        # A _SplicedBase64 is read where it lies in the delivery's bytes (see _loads).
+        text: str | memoryview = value.view if isinstance(value, _SplicedBase64) else value
         try:
             # strict_mode accepts exactly what b64decode(validate=True) accepts, and reads an
             # ASCII str in place (b64decode would first copy it into bytes).
-            return binascii.a2b_base64(value, strict_mode=True)
+            return binascii.a2b_base64(text, strict_mode=True)
         except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
             raise ValidationError(f"not valid base64: {exc}") from exc
 
@@ -184,7 +187,7 @@ class Codec:
 
     def decode(self, edge: Edge, body: bytes | str) -> dict[str, Any]:
         try:
-            data = json.loads(body)
+            data = _loads(edge, body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PermanentError("bad-document", f"{edge}: not JSON: {exc}") from exc
         try:
@@ -236,7 +239,7 @@ def _set_aside_blobs(edge: Edge, document: dict[str, Any]) -> list[_Blob]:
     return blobs
 
 
-def _is_big(value: Any) -> bool:
+def _is_big(value: Any) -> TypeGuard[bytes]:
     return isinstance(value, bytes) and len(value) >= _SPLICE_MIN_BYTES
 
 
@@ -267,3 +270,88 @@ def _splice(encoded: bytes, blobs: list[_Blob]) -> bytes:
     out.write(encoded[position:])
     # getvalue() hands over BytesIO's own buffer (no copy) when nothing else views it.
     return out.getvalue()
+
+
+class _SplicedBase64(str):
+    """A big base64 JSON string left where it lies in a delivery's bytes.
+
+    Its text is a placeholder; ``view`` is the base64 itself, which only
+    :class:`Base64Bytes` reads.
+    """
+
+    view: memoryview
+
+
+# A raw message's or an attachment's base64 string, big enough to be worth leaving in place.
+_BIG_BASE64_MEMBER = re.compile(
+    rb'"(?:raw|content)"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9+/]{%d,}={0,2})"' % _SPLICE_MIN_BYTES)
+
+
+def _loads(edge: Edge, body: bytes | str) -> Any:
+    """``json.loads(body)``, leaving big ``raw``/``content`` base64 strings in ``body``.
+
+    json.loads would decode the whole body into one str and copy each string out of it.
+    The big base64 members are cut out first (placeholders in their stead), the small rest is
+    parsed, and the members where the schema expects bytes become :class:`_SplicedBase64`;
+    a placeholder found anywhere else gets its text back.  A member's opening quote preceded
+    by an odd number of backslashes is inside another string and is left alone; any other
+    match is a real member, or the document was not valid JSON either way.
+    """
+    if not isinstance(body, bytes) or len(body) < _SPLICE_MIN_BYTES:
+        return json.loads(body)
+    token = secrets.token_hex(16)
+    spliced: dict[str, memoryview] = {}
+    pieces: list[bytes] = []
+    position = 0
+    view = memoryview(body)
+    for match in _BIG_BASE64_MEMBER.finditer(body):
+        if _escaped(body, match.start()):
+            continue
+        placeholder = f"mailroute-base64:{token}:{len(spliced)}"
+        spliced[placeholder] = view[match.start(1):match.end(1)]
+        pieces += (body[position:match.start(1)], placeholder.encode("ascii"))
+        position = match.end(1)
+    if not spliced:
+        return json.loads(body)
+    pieces.append(body[position:])
+    data = json.loads(b"".join(pieces))
+    if edge == "raw":
+        _take_spliced(data, "raw", spliced)
+    else:
+        email = data.get("email") if isinstance(data, dict) else None
+        attachments = email.get("attachments") if isinstance(email, dict) else None
+        for item in attachments if isinstance(attachments, list) else []:
+            _take_spliced(item, "content", spliced)
+    if spliced:
+        _restore_text(data, spliced)
+    return data
+
+
+def _escaped(body: bytes, at: int) -> bool:
+    """Is the quote at ``at`` escaped (an odd number of backslashes right before it)?"""
+    count = 0
+    while at - count > 0 and body[at - count - 1] == 0x5C:
+        count += 1
+    return count % 2 == 1
+
+
+def _take_spliced(holder: Any, key: str, spliced: dict[str, memoryview]) -> None:
+    value = holder.get(key) if isinstance(holder, dict) else None
+    if isinstance(value, str) and value in spliced:
+        kept = _SplicedBase64(value)
+        kept.view = spliced.pop(value)
+        holder[key] = kept
+
+
+def _restore_text(data: Any, spliced: dict[str, memoryview]) -> None:
+    """Put the text back for each placeholder left in ``data`` (not where bytes go)."""
+    stack = [data]
+    while stack and spliced:
+        item = stack.pop()
+        slots = item.items() if isinstance(item, dict) else enumerate(item) \
+            if isinstance(item, list) else ()
+        for slot, value in list(slots):
+            if isinstance(value, str) and value in spliced:
+                item[slot] = str(spliced.pop(value), "ascii")
+            elif isinstance(value, dict | list):
+                stack.append(value)
