@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
+from email.feedparser import BytesFeedParser
 from email.message import Message
-from email.parser import BytesParser
 from typing import Any
 
 from parse.attached import attached_messages, carried_message
@@ -126,6 +126,7 @@ class _StructureUnfoldingCompat32(policy.Compat32):
 _STRUCTURE_HEADERS = frozenset(("content-type", "content-transfer-encoding"))
 _FOLDING = re.compile(r"\r?\n(?=[ \t])")
 _PARSE_POLICY = _StructureUnfoldingCompat32()
+_FEED_BYTES = 256 * 1024
 
 
 def _parse_bytes(raw: bytes) -> Message:
@@ -136,7 +137,14 @@ def _parse_bytes(raw: bytes) -> Message:
     message = parse_structure(raw, _PARSE_POLICY)
     if message is not None:
         return message
-    return BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
+    # Fed in slices, as BytesParser would be given a file: the whole message as one str, and
+    # that str split into lines at once, cost several times its size (issue 8).  The
+    # feedparser keeps a line cut between two slices (even inside a CRLF) for the next one.
+    parser = BytesFeedParser(policy=_PARSE_POLICY)
+    view = memoryview(raw)
+    for offset in range(0, len(raw), _FEED_BYTES):
+        parser.feed(bytes(view[offset:offset + _FEED_BYTES]))
+    return parser.close()
 
 
 def _used_headers(message: Message, limits: LimitSettings) -> tuple[dict[str, list[str]], int]:

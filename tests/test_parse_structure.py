@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import settings as settings_hypothesis
 from hypothesis import strategies as st
 
+from parse import extract
 from parse.extract import _PARSE_POLICY, parse_raw
 from parse.structure import CarriedMessage, parse_structure
 from shared.settings import LimitSettings
@@ -133,3 +134,19 @@ def test_a_forwarded_original_is_the_message_as_carried() -> None:
     end = FORWARD.index(b"--in--\r\n") + len(b"--in--\r\n")
     assert email["size"] == end - start  # not a re-serialised copy's size
     assert (email["subject"], email["text"], email["html"]) == ("inner", "hello", "<p>hello</p>")
+
+
+def test_the_feedparser_fed_in_slices_gives_the_tree_of_the_whole_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback feeds the message in slices (memory); slices of 7 bytes cut CRLFs too."""
+    monkeypatch.setattr(extract, "_FEED_BYTES", 7)
+    slow = 0
+    for path in MESSAGES:
+        raw = path.read_bytes()
+        if parse_structure(raw, _PARSE_POLICY) is not None:
+            continue
+        slow += 1
+        assert tree(extract._parse_bytes(raw)) == feedparser_tree(raw), path.relative_to(CORPUS)
+    crafted = FORWARD.replace(b"see attached\r\n", b"see\rattached\r\n")
+    assert tree(extract._parse_bytes(crafted)) == feedparser_tree(crafted)
+    assert slow > 10
