@@ -214,10 +214,12 @@ def _set_aside_blobs(edge: Edge, document: dict[str, Any]) -> list[_Blob]:
     content can be mistaken for one.
     """
     blobs: list[_Blob] = []
-    token = secrets.token_hex(16).encode("ascii")
+    token: list[bytes] = []  # made on first use: most documents have no big byte string
 
     def aside(data: bytes) -> bytes:
-        placeholder = b"mailroute-blob:" + token + b":" + str(len(blobs)).encode("ascii")
+        if not token:
+            token.append(secrets.token_hex(16).encode("ascii"))
+        placeholder = b"mailroute-blob:" + token[0] + b":" + str(len(blobs)).encode("ascii")
         blobs.append((placeholder, data))
         return placeholder
 
