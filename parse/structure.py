@@ -40,9 +40,17 @@ _MAX_DEPTH = 50
 
 
 class CarriedMessage(Message):
-    """The message inside a message/* part, with the bytes it was parsed from."""
+    """The message inside a message/* part, with the bytes it was parsed from.
 
-    source: bytes = b""
+    ``source_view`` is those bytes where they lie in the outer message (no copy of a big
+    original); ``source`` copies them out.
+    """
+
+    source_view: memoryview = memoryview(b"")
+
+    @property
+    def source(self) -> bytes:
+        return bytes(self.source_view)
 
 
 def parse_structure(raw: bytes, policy: Compat32) -> Message | None:
@@ -93,7 +101,7 @@ def _message(raw: bytes, start: int, end: int, policy: Compat32, depth: int, in_
         if inner is None:
             return None
         assert isinstance(inner, CarriedMessage)
-        inner.source = raw[body:_strip_eol(raw, body, end) if in_part else end]
+        inner.source_view = memoryview(raw)[body:_strip_eol(raw, body, end) if in_part else end]
         message.attach(inner)
         return message
     if maintype == "multipart":
