@@ -40,7 +40,7 @@ def attached_messages(part: Message, content_type: str, max_depth: int,
         carried = carried_message(part, content_type)
         if carried is not None:
             # the original's bytes as carried: no re-serialising, line breaks as sent
-            return [carried.source.encode("ascii", "surrogateescape")]
+            return [carried.source]
         payload = part.get_payload()
         encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
         if (isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], Message)

@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
+from email.feedparser import BytesFeedParser
 from email.message import Message
-from email.parser import BytesParser
 from typing import Any
 
 from parse.attached import attached_messages, carried_message
@@ -126,6 +126,7 @@ class _StructureUnfoldingCompat32(policy.Compat32):
 _STRUCTURE_HEADERS = frozenset(("content-type", "content-transfer-encoding"))
 _FOLDING = re.compile(r"\r?\n(?=[ \t])")
 _PARSE_POLICY = _StructureUnfoldingCompat32()
+_FEED_BYTES = 256 * 1024
 
 
 def _parse_bytes(raw: bytes) -> Message:
@@ -136,7 +137,14 @@ def _parse_bytes(raw: bytes) -> Message:
     message = parse_structure(raw, _PARSE_POLICY)
     if message is not None:
         return message
-    return BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
+    # Fed in slices, as BytesParser would be given a file: the whole message as one str, and
+    # that str split into lines at once, cost several times its size (issue 8).  The
+    # feedparser keeps a line cut between two slices (even inside a CRLF) for the next one.
+    parser = BytesFeedParser(policy=_PARSE_POLICY)
+    view = memoryview(raw)
+    for offset in range(0, len(raw), _FEED_BYTES):
+        parser.feed(bytes(view[offset:offset + _FEED_BYTES]))
+    return parser.close()
 
 
 def _used_headers(message: Message, limits: LimitSettings) -> tuple[dict[str, list[str]], int]:
@@ -227,7 +235,7 @@ def _open_forward(outer: Message, size: int, limits: LimitSettings,
     if redirect is None or redirect[0] not in STRONG_REDIRECT_HEADERS:
         originals = _originals(outer, limits, budget, defects, level=1)
     if originals:
-        emails = [build_email(message or _parse_bytes(data), len(data), limits, budget)
+        emails = [build_email(message or _parse_bytes(bytes(data)), len(data), limits, budget)
                   for data, _, message in originals]
         chains = [chain for _, chain, _ in originals]
         if not senders:
@@ -246,9 +254,9 @@ def _open_forward(outer: Message, size: int, limits: LimitSettings,
     return ParseResult(envelope, emails, chains)
 
 
-# An original's raw bytes, the chain of inner forwarders, and the message already parsed
-# from those bytes (None: parse them).
-_Original = tuple[bytes, list[dict[str, str]], Message | None]
+# An original's raw bytes (a view into the envelope when the message is given), the chain of
+# inner forwarders, and the message already parsed from those bytes (None: parse them).
+_Original = tuple[bytes | memoryview, list[dict[str, str]], Message | None]
 
 
 def _originals(message: Message, limits: LimitSettings, budget: Budget, defects: list[str],
@@ -262,11 +270,14 @@ def _originals(message: Message, limits: LimitSettings, budget: Budget, defects:
     found: list[_Original] = []
     for leaf in leaves(message, limits.max_depth, defects, budget):
         carried = carried_message(leaf.part, leaf.content_type)
-        for data in attached_messages(leaf.part, leaf.content_type, limits.max_depth, defects):
+        # an original the fast parser read is looked at where it lies, not copied out
+        carried_data: list[bytes | memoryview] = [carried.source_view] if carried else []
+        for data in carried_data or attached_messages(leaf.part, leaf.content_type,
+                                                      limits.max_depth, defects):
             budget.check()
             check_limits(data, limits, base_depth=leaf.depth)
             if level < limits.forward_depth:
-                inner = carried or _parse_bytes(data)
+                inner = carried or _parse_bytes(bytes(data))
                 forwarder = _envelope_sender(inner, limits, budget)
                 if forwarder is not None:
                     nested = _originals(inner, limits, budget, defects, level + 1)

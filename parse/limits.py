@@ -31,13 +31,14 @@ _FIRST_EVENT = re.compile(_EVENT_BODY)
 _BOUNDARY = re.compile(rb"""boundary\s*=\s*(?:"([^"\r\n]*)"|([^\s;"]+))""", re.IGNORECASE)
 
 
-def header_block_size(raw: bytes) -> int:
+def header_block_size(raw: bytes | memoryview) -> int:
     """Bytes before the blank line ending the header block (all of them when there is none)."""
     match = _HEADER_END.search(raw)
     return match.start() if match else len(raw)
 
 
-def check_limits(raw: bytes, limits: LimitSettings, base_depth: int = 0) -> None:
+def check_limits(raw: bytes | memoryview, limits: LimitSettings,
+                 base_depth: int = 0) -> None:
     """Raise PermanentError when ``raw`` is over a limit; ``base_depth`` counts enclosing levels."""
     if len(raw) > limits.max_message_bytes:
         raise PermanentError(
@@ -54,7 +55,7 @@ def check_limits(raw: bytes, limits: LimitSettings, base_depth: int = 0) -> None
             "nesting-too-deep", f"about {depth + base_depth} levels > {limits.max_depth}")
 
 
-def estimate_structure(raw: bytes) -> tuple[int, int]:
+def estimate_structure(raw: bytes | memoryview) -> tuple[int, int]:
     """(number of body parts, nesting depth) seen from delimiters and Content-Type lines."""
     # The stack holds the boundaries of the open multiparts; None marks an open message/* part,
     # which ends with the next delimiter of an enclosing multipart.

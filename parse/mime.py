@@ -72,13 +72,25 @@ def leaves(message: Message, max_depth: int, defects: list[str],
             raise PermanentError("nesting-too-deep", f"more than {max_depth} levels")
         part_defects(part, defects)
         content_type = content_type_of(part)
-        payload = part.get_payload()
+        payload = stored_payload(part)
         if content_type.startswith("multipart/") and isinstance(payload, list):
             stack.extend((sub, depth + 1) for sub in reversed(payload)
                          if isinstance(sub, Message))
         else:
             found.append(Leaf(part, content_type, depth))
     return found
+
+
+def stored_payload(part: Message) -> Any:
+    """``part.get_payload()``, without its whole-payload copy for a plain ASCII payload.
+
+    compat32's ``get_payload()`` encodes a str payload whole just to look for surrogates: a
+    passing copy the size of the attachment.  An ASCII str has none and is returned as it is.
+    """
+    payload = getattr(part, "_payload", None)
+    if isinstance(payload, str) and payload.isascii():
+        return payload
+    return part.get_payload()
 
 
 def content_type_of(part: Message) -> str:
@@ -173,11 +185,17 @@ def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> b
     """
     if part.is_multipart():
         return message_part_bytes(part, defects)
-    payload = part.get_payload()
+    payload = stored_payload(part)
     if not isinstance(payload, str):
         return b""
     encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
     if encoding == "base64":
+        if payload.isascii():
+            # a2b_base64 reads an ASCII str in place: no bytes copy of a big attachment
+            if text and _not_base64(payload[:_BASE64_SAMPLE].encode("ascii")):
+                add_defect(defects, "not-base64")
+                return payload.encode("ascii")
+            return decode_base64(payload, defects)
         encoded = payload.encode("utf-8", "surrogateescape")
         if text and _not_base64(encoded):
             add_defect(defects, "not-base64")
@@ -194,13 +212,18 @@ def payload_bytes(part: Message, defects: list[str], *, text: bool = False) -> b
     return data if isinstance(data, bytes) else b""
 
 
-def decode_base64(data: bytes, defects: list[str]) -> bytes:
-    """Lenient base64: stray characters skipped, a broken tail dropped, with a defect."""
+def decode_base64(data: bytes | str, defects: list[str]) -> bytes:
+    """Lenient base64: stray characters skipped, a broken tail dropped, with a defect.
+
+    ``data`` may be an ASCII str (read in place).
+    """
     try:
         return binascii.a2b_base64(data, strict_mode=False)
     except binascii.Error:
         pass
     add_defect(defects, "broken-base64")
+    if isinstance(data, str):
+        data = data.encode("ascii")
     cleaned = _NOT_BASE64.sub(b"", data.split(b"=", 1)[0])
     usable = len(cleaned) - len(cleaned) % 4
     tail = cleaned[usable:]

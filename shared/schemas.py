@@ -6,14 +6,21 @@ delivery and gives plain Python data (datetimes and bytes restored), validated a
 edge's schema; :meth:`Codec.encode` does the reverse.  ``decode`` raises
 :class:`~shared.errors.PermanentError` (reason ``bad-document``) on anything that does not
 match its schema, since such a message will never get better by retrying.
+
+Big byte strings (a raw message, an attachment's content) are the bulk of a document; they are
+base64-encoded straight into the output bytes and decoded straight from the delivery's bytes,
+so that a 25 MB attachment costs one copy, not four or five (issue 8's memory target).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
-from typing import Any, Literal
+import re
+import secrets
+from typing import Any, Literal, TypeGuard
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -34,9 +41,13 @@ class Base64Bytes(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
         if not isinstance(value, str):
             raise ValidationError("expected base64 text")
+        # A _SplicedBase64 is read where it lies in the delivery's bytes (see _loads).
+        text: str | memoryview = value.view if isinstance(value, _SplicedBase64) else value
         try:
-            return base64.b64decode(value.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError) as exc:
+            # strict_mode accepts exactly what b64decode(validate=True) accepts, and reads an
+            # ASCII str in place (b64decode would first copy it into bytes).
+            return binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError) as exc:  # ValueError: not ASCII
             raise ValidationError(f"not valid base64: {exc}") from exc
 
 
@@ -169,12 +180,14 @@ class Codec:
         validates every document, and a bad one is dead-lettered there with the reason
         (validating on both sides cost a quarter of a stage's time)."""
         document = {"schema_version": SCHEMA_VERSION, **document}
+        blobs = _set_aside_blobs(edge, document)
         dumped = self._schemas[edge].dump(document)
-        return json.dumps(dumped, separators=(",", ":")).encode("utf-8")
+        encoded = json.dumps(dumped, separators=(",", ":")).encode("utf-8")
+        return _splice(encoded, blobs) if blobs else encoded
 
     def decode(self, edge: Edge, body: bytes | str) -> dict[str, Any]:
         try:
-            data = json.loads(body)
+            data = _loads(edge, body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise PermanentError("bad-document", f"{edge}: not JSON: {exc}") from exc
         try:
@@ -182,3 +195,165 @@ class Codec:
         except ValidationError as exc:
             raise PermanentError("bad-document", f"{edge}: {exc.messages}") from exc
         return loaded
+
+
+# Byte strings at least this big skip marshmallow and json (see _set_aside_blobs).
+_SPLICE_MIN_BYTES = 64 * 1024
+# Input bytes base64-encoded at a time while splicing (a multiple of 3: no padding inside).
+_SPLICE_CHUNK = 3 * 256 * 1024
+
+# (placeholder, the bytes it stands for)
+_Blob = tuple[bytes, bytes]
+
+
+def _set_aside_blobs(edge: Edge, document: dict[str, Any]) -> list[_Blob]:
+    """Replace big byte strings in ``document`` (a fresh top-level copy) by placeholders.
+
+    Only the raw message and attachment contents can be big; the dicts on their way are
+    copied, never changed in place.  The placeholders carry a random token, so no real
+    content can be mistaken for one.
+    """
+    blobs: list[_Blob] = []
+    token: list[bytes] = []  # made on first use: most documents have no big byte string
+
+    def aside(data: bytes) -> bytes:
+        if not token:
+            token.append(secrets.token_hex(16).encode("ascii"))
+        placeholder = b"mailroute-blob:" + token[0] + b":" + str(len(blobs)).encode("ascii")
+        blobs.append((placeholder, data))
+        return placeholder
+
+    if edge == "raw":
+        raw = document.get("raw")
+        if _is_big(raw):
+            document["raw"] = aside(raw)
+        return blobs
+    email = document.get("email")
+    attachments = email.get("attachments") if isinstance(email, dict) else None
+    if not isinstance(attachments, list) or not any(
+            isinstance(item, dict) and _is_big(item.get("content")) for item in attachments):
+        return blobs
+    assert isinstance(email, dict)
+    document["email"] = {**email, "attachments": [
+        {**item, "content": aside(item["content"])}
+        if isinstance(item, dict) and _is_big(item.get("content")) else item
+        for item in attachments]}
+    return blobs
+
+
+def _is_big(value: Any) -> TypeGuard[bytes]:
+    return isinstance(value, bytes) and len(value) >= _SPLICE_MIN_BYTES
+
+
+def _splice(encoded: bytes, blobs: list[_Blob]) -> bytes:
+    """``encoded`` with each placeholder's JSON string replaced by its bytes' base64.
+
+    Gives exactly what ``json.dumps`` gives for the base64 text (the base64 alphabet needs no
+    escaping), without the str, escaped-str and joined-str copies of it.
+    """
+    found: list[tuple[int, int, bytes]] = []
+    for placeholder, data in blobs:
+        marker = b'"' + base64.b64encode(placeholder) + b'"'
+        at = encoded.find(marker)
+        if at < 0:
+            raise ValueError("a set-aside byte string is missing from the encoded document")
+        found.append((at, at + len(marker), data))
+    found.sort(key=lambda item: item[0])
+    out = io.BytesIO()
+    position = 0
+    for start, end, data in found:
+        out.write(encoded[position:start])
+        out.write(b'"')
+        view = memoryview(data)
+        for offset in range(0, len(view), _SPLICE_CHUNK):
+            out.write(binascii.b2a_base64(view[offset:offset + _SPLICE_CHUNK], newline=False))
+        out.write(b'"')
+        position = end
+    out.write(encoded[position:])
+    # getvalue() hands over BytesIO's own buffer (no copy) when nothing else views it.
+    return out.getvalue()
+
+
+class _SplicedBase64(str):
+    """A big base64 JSON string left where it lies in a delivery's bytes.
+
+    Its text is a placeholder; ``view`` is the base64 itself, which only
+    :class:`Base64Bytes` reads.
+    """
+
+    view: memoryview
+
+
+# A raw message's or an attachment's base64 string, big enough to be worth leaving in place.
+_BIG_BASE64_MEMBER = re.compile(
+    rb'"(?:raw|content)"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9+/]{%d,}={0,2})"' % _SPLICE_MIN_BYTES)
+
+
+def _loads(edge: Edge, body: bytes | str) -> Any:
+    """``json.loads(body)``, leaving big ``raw``/``content`` base64 strings in ``body``.
+
+    json.loads would decode the whole body into one str and copy each string out of it.
+    The big base64 members are cut out first (placeholders in their stead), the small rest is
+    parsed, and the members where the schema expects bytes become :class:`_SplicedBase64`;
+    a placeholder found anywhere else gets its text back.  A member's opening quote preceded
+    by an odd number of backslashes is inside another string and is left alone; any other
+    match is a real member, or the document was not valid JSON either way.
+    """
+    if not isinstance(body, bytes) or len(body) < _SPLICE_MIN_BYTES:
+        return json.loads(body)
+    token = secrets.token_hex(16)
+    spliced: dict[str, memoryview] = {}
+    pieces: list[bytes] = []
+    position = 0
+    view = memoryview(body)
+    for match in _BIG_BASE64_MEMBER.finditer(body):
+        if _escaped(body, match.start()):
+            continue
+        placeholder = f"mailroute-base64:{token}:{len(spliced)}"
+        spliced[placeholder] = view[match.start(1):match.end(1)]
+        pieces += (body[position:match.start(1)], placeholder.encode("ascii"))
+        position = match.end(1)
+    if not spliced:
+        return json.loads(body)
+    pieces.append(body[position:])
+    data = json.loads(b"".join(pieces))
+    if edge == "raw":
+        _take_spliced(data, "raw", spliced)
+    else:
+        email = data.get("email") if isinstance(data, dict) else None
+        attachments = email.get("attachments") if isinstance(email, dict) else None
+        for item in attachments if isinstance(attachments, list) else []:
+            _take_spliced(item, "content", spliced)
+    if spliced:
+        _restore_text(data, spliced)
+    return data
+
+
+def _escaped(body: bytes, at: int) -> bool:
+    """Is the quote at ``at`` escaped (an odd number of backslashes right before it)?"""
+    count = 0
+    while at - count > 0 and body[at - count - 1] == 0x5C:
+        count += 1
+    return count % 2 == 1
+
+
+def _take_spliced(holder: Any, key: str, spliced: dict[str, memoryview]) -> None:
+    value = holder.get(key) if isinstance(holder, dict) else None
+    if isinstance(value, str) and value in spliced:
+        kept = _SplicedBase64(value)
+        kept.view = spliced.pop(value)
+        holder[key] = kept
+
+
+def _restore_text(data: Any, spliced: dict[str, memoryview]) -> None:
+    """Put the text back for each placeholder left in ``data`` (not where bytes go)."""
+    stack = [data]
+    while stack and spliced:
+        item = stack.pop()
+        slots = item.items() if isinstance(item, dict) else enumerate(item) \
+            if isinstance(item, list) else ()
+        for slot, value in list(slots):
+            if isinstance(value, str) and value in spliced:
+                item[slot] = str(spliced.pop(value), "ascii")
+            elif isinstance(value, dict | list):
+                stack.append(value)

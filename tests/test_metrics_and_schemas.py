@@ -88,3 +88,76 @@ def test_routed_document_needs_a_delivery() -> None:
     routed = {**documents.parsed(), "deliveries": []}
     with pytest.raises(PermanentError, match="deliveries"):
         codec.decode("routed", codec.encode("routed", routed))
+
+
+BIG = 70_000  # over the size from which byte strings bypass marshmallow and json (64 KB)
+
+
+def _attachment(content: bytes, name: str = "a.bin") -> dict[str, object]:
+    return {"filename": name, "content_type": "application/octet-stream",
+            "size": len(content), "sha256": "0" * 64, "content": content}
+
+
+def _plain_encode(codec: Codec, edge: str, document: dict[str, object]) -> bytes:
+    """What Codec.encode gave before big byte strings were spliced in."""
+    dumped = codec._schemas[edge].dump({"schema_version": 1, **document})
+    return json.dumps(dumped, separators=(",", ":")).encode("utf-8")
+
+
+@pytest.mark.parametrize("size", [0, 10, BIG - 1, BIG, 3 * 256 * 1024 + 1, 2_000_003])
+def test_big_raw_messages_encode_to_the_same_bytes_and_round_trip(size: int) -> None:
+    codec = Codec()
+    document = documents.raw(bytes(range(256)) * (size // 256) + b"\xff" * (size % 256))
+    encoded = codec.encode("raw", document)
+    assert encoded == _plain_encode(codec, "raw", document)
+    assert codec.decode("raw", encoded)["raw"] == document["raw"]
+
+
+def test_big_attachments_encode_to_the_same_bytes_without_touching_the_document() -> None:
+    codec = Codec()
+    document = documents.parsed()
+    document["email"]["attachments"] = [
+        _attachment(b"\x01" * BIG, "one"), _attachment(b"small", "two"),
+        _attachment(b"\x02" * 1_000_001, "three"), _attachment(b"", "four")]
+    document["email"]["subject"] = 'quote " and \u00e9'
+    before = repr(document)
+    encoded = codec.encode("parsed", document)
+    assert encoded == _plain_encode(codec, "parsed", document)
+    assert repr(document) == before
+    decoded = codec.decode("parsed", encoded)
+    assert [a["content"] for a in decoded["email"]["attachments"]] == [
+        a["content"] for a in document["email"]["attachments"]]
+    assert decoded["email"]["subject"] == 'quote " and \u00e9'
+
+
+def test_big_base64_text_outside_the_byte_fields_is_read_as_text() -> None:
+    codec = Codec()
+    looks_like_base64 = "QUJD" * (BIG // 4 + 1)
+    document = {**documents.parsed(), "deliveries": [
+        {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
+         "mailbox": "alice", "method": "direct"}],
+        "records": {"content": looks_like_base64},
+        "correlation": {"note": f'"raw":"{looks_like_base64}"'}}
+    document["email"]["text"] = f'"content":"{looks_like_base64}'
+    document["email"]["attachments"] = [_attachment(b"\x03" * BIG)]
+    encoded = codec.encode("routed", document)
+    assert b'\\"raw\\":\\"QUJD' in encoded  # escaped inside a string: must stay text
+    decoded = codec.decode("routed", encoded)
+    assert decoded["records"] == {"content": looks_like_base64}
+    assert decoded["correlation"] == {"note": f'"raw":"{looks_like_base64}"'}
+    assert decoded["email"]["text"] == f'"content":"{looks_like_base64}'
+    assert decoded["email"]["attachments"][0]["content"] == b"\x03" * BIG
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text.rstrip("=")[:-1],  # a length base64 cannot have
+    lambda text: "=" + text[1:],  # padding first
+])
+def test_a_big_invalid_base64_member_is_a_permanent_error(damage: object) -> None:
+    codec = Codec()
+    document = json.loads(codec.encode("raw", documents.raw(b"\x04" * BIG)))
+    document["raw"] = damage(document["raw"])  # type: ignore[operator]
+    with pytest.raises(PermanentError) as error:
+        codec.decode("raw", json.dumps(document).encode())
+    assert error.value.reason == "bad-document"
+    assert "raw" in error.value.detail
