@@ -12,13 +12,16 @@ unreachable.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from persist.database import translate_errors
 from persist.directory_store import resolve_parties
@@ -66,38 +69,79 @@ class SqlHistory:
         self._party_ttl = party_cache_seconds
         self._clock = clock
         self._parties: dict[str, tuple[float, PartyMatch | None]] = {}
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+        emails, parties = self._tables.emails, self._tables.parties
+        self._by_email_id = self._newest(emails.c.id == bindparam("email_id"))
+        self._by_thread_index_root = self._newest(
+            emails.c.thread_index_root == bindparam("root"))
+        shares = select(parties.c.id).where(
+            parties.c.email_id == emails.c.id,
+            func.lower(parties.c.address).in_(bindparam("participants", expanding=True)))
+        self._by_subject = self._newest((emails.c.subject_key == bindparam("subject_key"))
+                                        & (emails.c.first_seen_at >= bindparam("since"))
+                                        & shares.exists())
 
-    def _one(self, condition: Any) -> KnownEmail | None:
-        query = known_email_query(self._tables).where(condition) \
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """On PostgreSQL one kept connection in autocommit: each lookup is a single round trip
+        (a pooled checkout costs a pre-ping, BEGIN and ROLLBACK besides: five round trips,
+        which made route the pipeline's bottleneck).  A failed connection is dropped and made anew on
+        the next lookup; the failure itself reaches the caller as TransientError."""
+        if self._engine.dialect.name == "sqlite":  # no network: a connection per lookup
+            with translate_errors(), self._engine.connect() as connection:
+                yield connection
+            return
+        with self._lock, translate_errors():
+            if self._connection is None:
+                self._connection = self._engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT")
+            try:
+                yield self._connection
+            except DBAPIError:
+                self._connection.invalidate()
+                self._connection.close()
+                self._connection = None
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def _newest(self, condition: Any) -> Any:
+        """The statement for the newest email meeting ``condition`` (built once: composing
+        it cost route more CPU than running it)."""
+        return known_email_query(self._tables).where(condition) \
             .order_by(self._tables.emails.c.id.desc()).limit(1)
-        with translate_errors(), self._engine.connect() as connection:
-            row = connection.execute(query).first()
+
+    def _one(self, statement: Any, **parameters: Any) -> KnownEmail | None:
+        with self._reading() as connection:
+            row = connection.execute(statement, parameters).first()
         return None if row is None else to_known(row)
 
     def by_message_ids(self, message_ids: Sequence[str]) -> list[KnownEmail]:
-        with translate_errors(), self._engine.connect() as connection:
+        with self._reading() as connection:
             return known_by_message_ids(connection, self._tables, message_ids)
 
     def by_email_id(self, email_id: int) -> KnownEmail | None:
-        return self._one(self._tables.emails.c.id == email_id)
+        return self._one(self._by_email_id, email_id=email_id)
 
     def by_thread_index_root(self, root: str) -> KnownEmail | None:
-        return self._one(self._tables.emails.c.thread_index_root == root)
+        return self._one(self._by_thread_index_root, root=root)
 
     def by_subject(self, subject_key: str, participants: Collection[str],
                    since: datetime) -> KnownEmail | None:
-        emails, parties = self._tables.emails, self._tables.parties
-        shares = select(parties.c.id).where(parties.c.email_id == emails.c.id,
-                                            func.lower(parties.c.address).in_(sorted(participants)))
-        return self._one((emails.c.subject_key == subject_key)
-                         & (emails.c.first_seen_at >= since) & shares.exists())
+        return self._one(self._by_subject, subject_key=subject_key, since=since,
+                         participants=sorted(participants))
 
     def party(self, address: str) -> PartyMatch | None:
         now = self._clock()
         cached = self._parties.get(address)
         if cached is not None and cached[0] > now:
             return cached[1]
-        with translate_errors(), self._engine.connect() as connection:
+        with self._reading() as connection:
             found = resolve_parties(connection, self._tables, [address]).get(address)
         match = None if found is None else PartyMatch(
             "contact" if found.kind == "contact" else "account", found.name, "database")

@@ -159,8 +159,9 @@ def build_tables() -> Tables:
         Index(None, "message_id"),
         Index(None, "first_seen_at"),
         Index(None, "thread_id"),
-        Index(None, "subject_key"),
-        Index(None, "thread_index_root"),
+        # (key, id): route's "newest email with this key" reads one key's rows in id order
+        Index(None, "subject_key", "id"),
+        Index(None, "thread_index_root", "id"),
     )
     parties = Table(
         "parties", metadata,
