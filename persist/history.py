@@ -86,8 +86,8 @@ class SqlHistory:
     def _reading(self) -> Iterator[Connection]:
         """On PostgreSQL one kept connection in autocommit: each lookup is a single round trip
         (a pooled checkout costs a pre-ping, BEGIN and ROLLBACK besides: five round trips,
-        which made route the pipeline's bottleneck).  A failed connection is dropped and made anew on
-        the next lookup; the failure itself reaches the caller as TransientError."""
+        which made route the pipeline's bottleneck).  A failed connection is dropped and made
+        anew on the next lookup; the failure itself reaches the caller as TransientError."""
         if self._engine.dialect.name == "sqlite":  # no network: a connection per lookup
             with translate_errors(), self._engine.connect() as connection:
                 yield connection
