@@ -228,24 +228,28 @@ class EmailStore:
     ) -> set[DeliveryKey]:
         deliveries = self._tables.deliveries
         rows: dict[DeliveryKey, dict[str, Any]] = {}
+        # the records route decided for the document that carried each delivery: one email
+        # can arrive in a batch through several mailboxes, each with its own decision
+        records: dict[DeliveryKey, dict[str, Any]] = {}
         for item in prepared:
             for row in item.deliveries:
                 key = (item.email_id, row["principal_kind"], row["principal"])
-                rows.setdefault(key, {**row, "email_id": item.email_id})
+                if key not in rows:
+                    rows[key] = {**row, "email_id": item.email_id}
+                    records[key] = item.records
         inserted = connection.execute(
             self._insert(connection, deliveries).returning(
                 deliveries.c.email_id, deliveries.c.principal_kind, deliveries.c.principal
             ),
             [rows[key] for key in sorted(rows)],
         ).all()
-        records = {item.email_id: item.records for item in prepared}
         queue_rows = []
         for key in sorted(rows):
             email_id, kind, principal = key
             row = rows[key]
             if kind != "queue" or not row["tracked"]:
                 continue
-            record = records.get(email_id) or {}
+            record = records.get(key) or {}
             own = record.get("rule") is not None and record.get("rule") == row["rule"]
             queue_rows.append({"email_id": email_id, "queue": principal, "state": "active",
                                "created_at": now, "rule": row["rule"],

@@ -339,10 +339,12 @@ def test_old_routed_documents_without_records_still_store(db_engine: Engine) -> 
         True, "none", result.email_id)
 
 
-def test_one_email_to_a_user_and_the_queue_in_one_batch(db_engine: Engine) -> None:
+@pytest.mark.parametrize("order", [("ann", "support"), ("support", "ann")])
+def test_one_email_to_a_user_and_the_queue_in_one_batch(db_engine: Engine,
+                                                        order: tuple[str, str]) -> None:
     run = Pipeline(db_engine, config())
     raw = mail("both@c", to="ann@corp.example", headers={"Cc": "support@corp.example"})
-    email_id, same = run.save(run.route(raw, "ann"), run.route(raw, "support"))
+    email_id, same = run.save(*(run.route(raw, mailbox) for mailbox in order))
     assert email_id == same
     deliveries = {d["principal"]: d["rule"] for d in run.store.deliveries_for(email_id)}
     assert deliveries == {"ann": None, "support": "support case"}
