@@ -69,6 +69,16 @@ def postgres_engine(postgres_database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
+def database() -> Iterator[Engine]:
+    """A migrated engine on a PostgreSQL database of the test's own (integration tests)."""
+    with fresh_postgres_database() as url:
+        engine = create_engine_for(url)
+        upgrade(engine)
+        yield engine
+        engine.dispose()
+
+
+@pytest.fixture
 def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('db') / 'mailroute.db'}"
 

@@ -22,14 +22,13 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from persist.database import create_engine_for, upgrade
 from persist.store import EmailStore
 from tests import mailgen
 from tests.broker_fixtures import Vhost, drain_queue
-from tests.db_fixtures import fresh_postgres_database
 from tests.dovecot import DovecotServer
 from tests.processes import Workers, wait_for
 
+pytest_plugins = ["tests.db_fixtures"]
 pytestmark = pytest.mark.integration
 
 STAGES = ("ingest", "parse", "route", "persist")
@@ -53,15 +52,6 @@ def forward_server() -> Iterator[DovecotServer]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def database() -> Iterator[Engine]:
-    with fresh_postgres_database() as url:
-        engine = create_engine_for(url)
-        upgrade(engine)
-        yield engine
-        engine.dispose()
 
 
 def write_config(path: Path, direct: DovecotServer, forward: DovecotServer, vhost: Vhost,

@@ -16,7 +16,6 @@ import mailbox
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,26 +25,16 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from persist.database import create_engine_for, upgrade
 from persist.store import EmailStore
 from tests import mailgen
 from tests.broker_fixtures import Vhost
-from tests.db_fixtures import fresh_postgres_database
 from tests.processes import REPO, Workers, wait_for
 
+pytest_plugins = ["tests.db_fixtures"]
 pytestmark = pytest.mark.integration
 
 STAGES = ("ingest", "parse", "route", "persist")
 FORWARD = "forward@corp.example.com"
-
-
-@pytest.fixture
-def database() -> Iterator[Engine]:
-    with fresh_postgres_database() as url:
-        engine = create_engine_for(url)
-        upgrade(engine)
-        yield engine
-        engine.dispose()
 
 
 def write_config(path: Path, maildirs: Path, vhost: Vhost, engine: Engine,
