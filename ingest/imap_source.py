@@ -18,6 +18,7 @@ Fails with :class:`~ingest.errors.MailboxAuthError` when the login is refused an
 
 from __future__ import annotations
 
+import imaplib
 import logging
 import ssl
 import time
@@ -131,6 +132,9 @@ class ImapSource:
                 else:
                     client.login(login.login_name, reveal(login.password))
             except LoginError as exc:
+                if not refused_by_server(exc):
+                    raise MailboxUnavailable(f"{refused}: {_text(exc)} (connection lost or "
+                                             f"server busy, not a credentials failure)") from None
                 raise MailboxAuthError(f"{refused}: {_text(exc)}") from None
 
     # ---- the cheap check, and selecting -------------------------------------------------
@@ -321,13 +325,37 @@ class ImapSource:
         try:
             yield
         except LoginError as exc:
-            raise MailboxAuthError(f"mailbox {self._mailbox.name}: {step}: {_text(exc)}") \
-                from None
+            if refused_by_server(exc):
+                raise MailboxAuthError(f"mailbox {self._mailbox.name}: {step}: {_text(exc)}") \
+                    from None
+            raise MailboxUnavailable(f"mailbox {self._mailbox.name}: {step} on "
+                                     f"{self._profile.host}:{self._profile.port} failed: "
+                                     f"{_text(exc)}") from None
         except (IMAPClientError, OSError) as exc:  # ssl.SSLError and timeouts are OSErrors
             kind = "IMAP error" if isinstance(exc, IMAPClientError) else type(exc).__name__
             raise MailboxUnavailable(
                 f"mailbox {self._mailbox.name}: {step} on {self._profile.host}:"
                 f"{self._profile.port} failed: {kind}: {_text(exc)}") from exc
+
+
+# RFC 5530 codes that say "try later", not "wrong credentials".
+_TRANSIENT_LOGIN_CODES = ("[UNAVAILABLE]", "[SERVERBUG]", "[LIMIT]", "[INUSE]")
+
+
+def refused_by_server(exc: LoginError) -> bool:
+    """True when the server answered the login with NO; False for a dropped connection.
+
+    imapclient turns every error during LOGIN/AUTHENTICATE into ``LoginError``, including the
+    ``abort`` imaplib raises when the server restarts mid-command ("socket error: EOF"): treating
+    that as refused credentials would disable a healthy mailbox.
+    """
+    cause: BaseException | None = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, (imaplib.IMAP4.abort, OSError)):
+            return False
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).upper()
+    return "SOCKET ERROR" not in text and not any(code in text for code in _TRANSIENT_LOGIN_CODES)
 
 
 def _text(exc: BaseException) -> str:

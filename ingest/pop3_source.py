@@ -182,7 +182,7 @@ class Pop3Source:
             yield
         except poplib.error_proto as exc:
             text = _text(exc)
-            if step == "login":
+            if step == "login" and refused_by_server(text):
                 raise _AuthRefused(text) from None
             raise MailboxUnavailable(f"mailbox {self._box.name}: {step} on "
                                      f"{self._profile.host}:{self._profile.port} failed: "
@@ -195,6 +195,18 @@ class Pop3Source:
 
 class _AuthRefused(Exception):
     pass
+
+
+# RFC 2449/3206 codes that say "try later"; "-ERR EOF" is poplib's word for a dropped connection.
+_TRANSIENT_POP3_CODES = ("[SYS/TEMP]", "[IN-USE]", "[LOGIN-DELAY]")
+
+
+def refused_by_server(text: str) -> bool:
+    """True when the server's -ERR answer to the login means the credentials were refused."""
+    upper = text.upper()
+    if upper.startswith("-ERR EOF") or not upper.startswith("-ERR"):
+        return False
+    return not any(code in upper for code in _TRANSIENT_POP3_CODES)
 
 
 def _text(exc: BaseException) -> str:

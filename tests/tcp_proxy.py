@@ -19,6 +19,7 @@ class StallableProxy:
         self._flowing.set()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._drop_on: bytes | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stall(self) -> None:
@@ -26,6 +27,14 @@ class StallableProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def drop_on(self, command: bytes) -> None:
+        """Close a connection, both ways, when its client sends bytes containing ``command``.
+
+        The server never sees that command: what a client meets when the server restarts
+        between its greeting and the answer.
+        """
+        self._drop_on = command
 
     def cut(self) -> None:
         """Drop every connection made so far (new ones are still accepted) and resume."""
@@ -59,10 +68,11 @@ class StallableProxy:
             except OSError:
                 return
             self._sockets += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, upstream in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, upstream),
+                                 daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -70,6 +80,11 @@ class StallableProxy:
                     break
                 self._flowing.wait()
                 if self._closed.is_set():
+                    break
+                if upstream and self._drop_on is not None and self._drop_on in data.upper():
+                    for sock in (source, sink):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
                     break
                 sink.sendall(data)
         except OSError:

@@ -9,6 +9,7 @@ it used (RELIABILITY.md fault 33).
 from __future__ import annotations
 
 import dataclasses
+import imaplib
 import logging
 import os
 import threading
@@ -49,6 +50,7 @@ from shared.transport import Broker
 from tests.broker_fixtures import drain_queue
 from tests.dovecot import DovecotServer, dovecot_fixture
 from tests.processes import wait_for
+from tests.tcp_proxy import StallableProxy
 
 dovecot = dovecot_fixture(scope="module")
 
@@ -362,6 +364,52 @@ def test_an_unreachable_server_backs_off_and_never_disables(fleet: Fleet) -> Non
     state = fleet.state.state_of(box.name, box.folder)
     assert state is not None and state.status == "failing" and "ConnectionRefused" in (
         state.last_error or "")
+
+
+@pytest.mark.parametrize("kind, command", [("imap", b"LOGIN"), ("pop3", b"PASS")])
+def test_a_connection_lost_during_login_is_a_failed_poll_not_refused_credentials(
+        fleet: Fleet, kind: str, command: bytes) -> None:
+    # What a Dovecot restart looks like from the client: greeting, then EOF at LOGIN.
+    user = fleet.user()
+    fleet.dovecot.deliver(user, message("after-restart"))
+    port = fleet.dovecot.imap_port if kind == "imap" else fleet.dovecot.pop3_port
+    with StallableProxy(fleet.dovecot.host, port) as proxy:
+        proxy.drop_on(command)
+        box = fleet.box(user, kind=kind, after="keep", interval=0.05)
+        profile = fleet.profile(port=proxy.port, tls="none")
+        with fleet.running(fleet.settings(box, profile=profile, max_backoff=0.2)):
+            wait_for(lambda: (fleet.state.state_of(box.name, box.folder) or _no_state())
+                     .consecutive_failures >= 2, "two failed polls", 60)
+        lease = fleet.leases.get(box.name)
+        assert lease is not None and lease.disabled_reason is None
+        assert fleet.sample("mailroute_mailbox_alerts_total", mailbox=box.name, kind="auth") == 0
+        state = fleet.state.state_of(box.name, box.folder)
+        assert state is not None and state.status == "failing"
+        assert "not a credentials failure" in (state.last_error or "") or \
+            "EOF" in (state.last_error or "")
+        proxy.drop_on(b"\0never")  # the server is back: the next poll goes through
+        assert fleet.worker(fleet.settings(box, profile=profile)).poll_once(box) == 1
+
+
+def test_only_a_servers_refusal_counts_as_refused_credentials() -> None:
+    from imapclient.exceptions import LoginError
+
+    from ingest import imap_source, pop3_source
+    assert imap_source.refused_by_server(LoginError("b'[AUTHENTICATIONFAILED] failed.'"))
+    assert not imap_source.refused_by_server(
+        LoginError("b'[UNAVAILABLE] Temporary authentication failure.'"))
+    try:
+        try:
+            raise imaplib.IMAP4.abort("socket error: EOF")
+        except imaplib.IMAP4.abort as exc:
+            raise LoginError(str(exc)) from None
+    except LoginError as wrapped:
+        assert not imap_source.refused_by_server(wrapped)
+    assert pop3_source.refused_by_server("-ERR [AUTH] Authentication failed.")
+    assert pop3_source.refused_by_server("-ERR Authentication failed.")
+    assert not pop3_source.refused_by_server("-ERR EOF")
+    assert not pop3_source.refused_by_server("-ERR [SYS/TEMP] Try again later")
+    assert not pop3_source.refused_by_server("-ERR [IN-USE] Mailbox locked")
 
 
 def _no_state() -> Any:
