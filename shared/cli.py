@@ -214,13 +214,16 @@ def worker(obj: Context, stage: str) -> None:
     SIGTERM finishes the current batch and exits.
     """
     settings = obj.load()
-    broker = Broker(settings.broker)
-    connect_or_fail("broker", broker.declare)
-    needs_db = stage in ("ingest", "route", "persist")  # route reads earlier mail
-    engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
-    metrics = Metrics()
-    watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
+    # Handlers first: a SIGTERM while connecting is a clean stop, not death by signal.
     with _stop_on_signals() as stop:
+        broker = Broker(settings.broker)
+        connect_or_fail("broker", broker.declare)
+        needs_db = stage in ("ingest", "route", "persist")  # route reads earlier mail
+        engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
+        if stop.is_set():
+            return
+        metrics = Metrics()
+        watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
         if stage == "ingest":
             target = _ingest_target(settings, broker, engine, metrics, stop)
             readiness: Callable[[], list[bool]] = lambda: [True]  # noqa: E731

@@ -66,8 +66,21 @@ class Workers:
         process.send_signal(sig)
         return process.wait(timeout=60)
 
+    def started(self, stage: str) -> bool:
+        """True once the current process of ``stage`` said it runs (its signal handlers are set).
+
+        A SIGTERM before that, while Python is still importing, ends it with -15: expected of
+        any Unix process, but not the clean stop the tests check for.
+        """
+        text = self.log_path(stage).read_text(errors="replace")
+        text = text[text.rfind(f"--- start {self.generation[stage]}\n"):]
+        return f"worker {stage} running" in text
+
     def stop_all(self) -> dict[str, int]:
         codes = {}
+        for stage, process in self.processes.items():
+            wait_for(lambda s=stage, p=process: p.poll() is not None  # type: ignore[misc]
+                     or self.started(s), f"{stage} to start before it is stopped", 60)
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
