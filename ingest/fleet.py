@@ -14,6 +14,9 @@ jitter - interval * 2^(failures-1), capped by ``fleet.max_backoff`` - and never 
 a refused login (or too many UIDVALIDITY resets) disables it with an alert (an ERROR log line
 starting ``ALERT`` and ``mailroute_mailbox_alerts_total``) until ``mailroute mailbox enable``.
 A process that dies simply stops renewing: its leases run out and the others take over.
+Several mailboxes of one account (folders) share the server profile's ``max_connections``:
+a mailbox whose account is at its cap goes back unpolled, due again a second later, never
+failed (the server's own cap, NO [LIMIT] at login, is a passing failure with back-off).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ STATUSES = ("not-run", "success", "failing", "disabled")
 JITTER = 0.2
 # A dropped IDLE session that had worked is reconnected at once, at most this often.
 RECONNECT_AT_MOST_EVERY_S = 60.0
+# A mailbox whose account is at its connection cap is due again this much later.
+DEFER_S = 1.0
 
 
 def new_owner_id() -> str:
@@ -71,6 +76,8 @@ class FleetPoller:
         self._pushing: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._reconnected: dict[str, float] = {}
         self._wake = threading.Event()
+        self._connections: dict[tuple[str, str], int] = {}  # per account, under _lock
+        self._deferred_since: dict[str, float] = {}
         self.polls_done = 0
 
     # ---- the loop ---------------------------------------------------------------------
@@ -145,15 +152,56 @@ class FleetPoller:
         if claimed:
             log.debug("ingest poller %s claimed %d mailbox(es)", self.owner, len(claimed))
         # The forward mailbox (all forwarded users' mail) gets the IDLE slots first.
-        claimed.sort(key=lambda n: not (self._boxes[n].push and self._boxes[n].forward))
+        # Then the mailboxes put off longest ago, so a busy account's folders take turns.
+        claimed.sort(key=lambda n: (not (self._boxes[n].push and self._boxes[n].forward),
+                                    self._deferred_since.get(n, float("inf"))))
         for name in claimed:
             box = self._boxes[name]
+            if not self._take_connection(box):
+                self._defer(box)
+                continue
             if box.push and push_free > 0:
                 push_free -= 1
                 self._start_push(box, stop)
                 continue
             with self._lock:
                 self._polling[name] = pool.submit(self._poll_job, box, stop)
+
+    # ---- the per-account connection cap -----------------------------------------------
+
+    def _account(self, box: MailboxSettings) -> tuple[str, str] | None:
+        if box.kind == "maildir" or not box.server:
+            return None
+        return box.server, (box.username or box.name).lower()
+
+    def _take_connection(self, box: MailboxSettings) -> bool:
+        account = self._account(box)
+        if account is None:
+            return True
+        cap = self._settings.server(account[0]).max_connections
+        with self._lock:
+            if self._connections.get(account, 0) >= cap:
+                self._deferred_since.setdefault(box.name, time.monotonic())
+                return False
+            self._connections[account] = self._connections.get(account, 0) + 1
+            self._deferred_since.pop(box.name, None)
+        return True
+
+    def _give_back_connection(self, box: MailboxSettings) -> None:
+        account = self._account(box)
+        if account is not None:
+            with self._lock:
+                self._connections[account] -= 1
+
+    def _defer(self, box: MailboxSettings) -> None:
+        log.debug("mailbox %s: its account has max_connections open; deferred", box.name)
+        self._metrics.mailbox_deferred.labels(mailbox=box.name).inc()
+        try:
+            self._leases.release(self.owner, box.name,
+                                 self._leases.now() + timedelta(seconds=DEFER_S))
+        except Exception as exc:
+            log.error("mailbox %s: lease not released (%s); it expires by itself",
+                      box.name, _describe(exc))
 
     # ---- one poll -----------------------------------------------------------------------
 
@@ -174,6 +222,7 @@ class FleetPoller:
         except Exception as exc:
             next_due = self._after_failure(box, exc)
         finally:
+            self._give_back_connection(box)
             self.polls_done += 1
             if next_due is not None:
                 try:
@@ -284,6 +333,7 @@ class FleetPoller:
                 worker.record_failure(box, exc)
                 next_due = self._after_failure(box, exc)
         finally:
+            self._give_back_connection(box)
             self._metrics.push_sessions.set(max(len(self._pushing) - 1, 0))
             if next_due is not None:
                 try:

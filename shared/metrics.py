@@ -57,6 +57,9 @@ class Metrics:
         self.mailbox_alerts = Counter(
             "mailroute_mailbox_alerts", "Alerts raised for a mailbox, by kind (auth, "
             "uidvalidity, disabled)", ["mailbox", "kind"], registry=r)
+        self.mailbox_deferred = Counter(
+            "mailroute_mailbox_deferred", "Polls put off because the mailbox's account had "
+            "its server profile's max_connections open", ["mailbox"], registry=r)
         self.mailbox_status = Gauge(
             "mailroute_mailbox_status", "1 for the mailbox's current status (not-run, success, "
             "failing, disabled), 0 for the others", ["mailbox", "status"], registry=r)

@@ -137,6 +137,10 @@ class ServerProfile:
     oauth2_token_file: str | None = None
     # IMAP IDLE is re-issued this often (RFC 2177: servers may drop it after 30 minutes).
     idle_refresh: float = 25 * 60.0
+    # At most this many connections (polls and IDLE sessions) to one account at once, per
+    # ingest process: servers cap them per user and address (Dovecot's
+    # mail_max_userip_connections is 10, Gmail allows 15) and refuse more with NO [LIMIT].
+    max_connections: int = 5
 
 
 @dataclass(frozen=True)
@@ -490,6 +494,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"servers.{server.name}.master_password: a master_user needs it")
         if server.idle_refresh <= 0 or server.idle_refresh >= 29 * 60:
             raise ConfigError(f"servers.{server.name}.idle_refresh: must be under 29 minutes")
+        if server.max_connections < 1:
+            raise ConfigError(f"servers.{server.name}.max_connections: must be at least 1")
     for box in settings.mailboxes:
         profile = profiles.get(box.server or "")
         if profile is not None and profile.auth == "xoauth2" and not (

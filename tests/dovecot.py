@@ -60,7 +60,9 @@ def _accepts(port: int) -> bool:
 class DovecotServer:
     """One private Dovecot instance; start() / stop(), or use it as a context manager."""
 
-    def __init__(self, *, tls: bool = True, root: str | Path | None = None) -> None:
+    def __init__(self, *, tls: bool = True, root: str | Path | None = None,
+                 extra_config: str = "") -> None:
+        self.extra_config = extra_config  # appended to the generated dovecot.conf
         self.root = Path(tempfile.mkdtemp(prefix="mailroute-dovecot-", dir=root))
         self.tls = tls and shutil.which("openssl") is not None
         self.config_path = self.root / "dovecot.conf"
@@ -361,6 +363,7 @@ namespace inbox {{
   inbox = yes
   separator = /
 }}
+{self.extra_config}
 """
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -139,6 +140,23 @@ class Fleet:
 @pytest.fixture
 def fleet(dovecot: DovecotServer, tmp_path: Path,
           caplog: pytest.LogCaptureFixture) -> Iterator[Fleet]:
+    yield from make_fleet(dovecot, tmp_path, caplog)
+
+
+# Fault 20: a server that allows two connections per user and address, as Dovecot's
+# mail_max_userip_connections does (10 by default).
+limited_dovecot = dovecot_fixture(scope="module",
+                                  extra_config="mail_max_userip_connections = 2\n")
+
+
+@pytest.fixture
+def limited_fleet(limited_dovecot: DovecotServer, tmp_path: Path,
+                  caplog: pytest.LogCaptureFixture) -> Iterator[Fleet]:
+    yield from make_fleet(limited_dovecot, tmp_path, caplog)
+
+
+def make_fleet(dovecot: DovecotServer, tmp_path: Path,
+               caplog: pytest.LogCaptureFixture) -> Iterator[Fleet]:
     caplog.set_level(logging.DEBUG)
     engine = create_engine_for(f"sqlite:///{tmp_path / 'fleet.db'}")
     upgrade(engine)
@@ -410,6 +428,67 @@ def test_only_a_servers_refusal_counts_as_refused_credentials() -> None:
     assert not pop3_source.refused_by_server("-ERR EOF")
     assert not pop3_source.refused_by_server("-ERR [SYS/TEMP] Try again later")
     assert not pop3_source.refused_by_server("-ERR [IN-USE] Mailbox locked")
+
+
+# ---- connection limits (fault 20) --------------------------------------------------------
+
+
+def test_folders_of_one_account_share_its_connection_cap_and_all_mail_arrives(
+        limited_fleet: Fleet) -> None:
+    fleet = limited_fleet
+    user = fleet.user()
+    folders = ["INBOX", "Projects", "Archive"]
+    for folder in folders:
+        fleet.dovecot.deliver(user, message(f"cap-{folder}"), folder=folder)
+    boxes = [fleet.box(user, name=f"{user}-{folder}", folder=folder, after="keep",
+                       interval=0.05) for folder in folders]
+    # Three mailboxes due at once, four poll slots, one connection of ours at a time: two
+    # wait.  (One below the server's two: Dovecot counts a connection for a moment after
+    # its LOGOUT, so a cap equal to the server's meets NO [LIMIT] now and then.)
+    settings = fleet.settings(*boxes, profile=fleet.profile(max_connections=1), concurrency=4)
+    with fleet.running(settings):
+        wait_for(lambda: all(fleet.sample("mailroute_mailbox_polls_total", mailbox=b.name,
+                                          outcome="success") >= 1 for b in boxes),
+                 "every folder polled", 60)
+    assert sum(fleet.sample("mailroute_mailbox_deferred_total", mailbox=b.name)
+               for b in boxes) >= 1
+    assert sum(fleet.sample("mailroute_mailbox_polls_total", mailbox=b.name,
+                            outcome="failure") for b in boxes) == 0
+    assert sorted(marker_of(d["raw"]) for d in fleet.published()) == \
+        sorted(f"cap-{folder}" for folder in folders)
+
+
+def test_the_servers_connection_limit_backs_off_and_never_disables(
+        limited_fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    fleet = limited_fleet
+    user = fleet.user()
+    fleet.dovecot.deliver(user, message("limit"))
+    box = fleet.box(user, after="keep", interval=0.05)
+    # Another program holds both connections the server allows this user.
+    others = [IMAPClient(fleet.dovecot.host, port=fleet.dovecot.imap_port, ssl=False)
+              for _ in range(2)]
+    for other in others:
+        other.login(user, fleet.dovecot.password(user))
+    try:
+        with fleet.running(fleet.settings(box, max_backoff=0.2)):
+            wait_for(lambda: (fleet.state.state_of(box.name, box.folder) or _no_state())
+                     .consecutive_failures >= 2, "two polls turned away", 60)
+            state = fleet.state.state_of(box.name, box.folder)
+            assert state is not None and "[LIMIT]" in (state.last_error or "")
+            for other in others:
+                other.logout()
+            others = []
+            wait_for(lambda: fleet.sample("mailroute_mailbox_polls_total", mailbox=box.name,
+                                          outcome="success") >= 1,
+                     "a poll once the connections are free", 60)
+    finally:
+        for other in others:
+            other.logout()
+    lease = fleet.leases.get(box.name)
+    assert lease is not None and lease.disabled_reason is None
+    assert fleet.sample("mailroute_mailbox_alerts_total", mailbox=box.name, kind="auth") == 0
+    assert "ALERT" not in caplog.text
+    assert [marker_of(d["raw"]) for d in fleet.published()] == ["limit"]
 
 
 def _no_state() -> Any:
