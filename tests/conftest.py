@@ -2,4 +2,6 @@
 
 from tests.broker_fixtures import rabbit_vhost
 
+pytest_plugins = ["tests.secret_scan"]
+
 __all__ = ["rabbit_vhost"]

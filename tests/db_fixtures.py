@@ -36,13 +36,27 @@ def fresh_postgres_database() -> Iterator[str]:
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
+        url = admin_url.set(database=name).render_as_string(hide_password=False)
         try:
-            yield admin_url.set(database=name).render_as_string(hide_password=False)
+            yield url
         finally:
+            _scan_for_secrets(url, name)
             with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+def _scan_for_secrets(url: str, name: str) -> None:
+    from tests.secret_scan import scan_database
+
+    engine = create_engine_for(url)
+    try:
+        scan_database(engine, name)
+    except Exception as exc:  # a fault test may leave the server down: say so, don't mask
+        print(f"secret scan of {name} skipped: {exc}")
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="module")
