@@ -5,23 +5,21 @@ queue (support).  About fifty messages, one of them sent to alice directly, forw
 and sent to the support queue.  The database must then hold exactly the expected emails,
 deliveries and queue items; a spoofed forward is dead-lettered with its reason; restarting
 the workers and re-polling (after losing a cursor, as a crash before the cursor save would)
-creates nothing new; SIGKILL of any stage while mail flows loses and doubles nothing.
+creates nothing new.  SIGKILL of each stage while mail flows is tests/faults/test_kill_workers.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 
 from persist.store import EmailStore
@@ -98,10 +96,6 @@ def deliveries_by_message(engine: Engine) -> dict[str, list[tuple[str, str, str]
     for message_id, principal, method, mailbox in rows:
         result.setdefault(message_id, []).append((principal, method, mailbox))
     return {k: sorted(v) for k, v in result.items()}
-
-
-def at_least(count: Callable[[], int], threshold: int) -> bool:
-    return count() >= threshold
 
 
 def deliver_scenario(dovecot: DovecotServer) -> dict[str, Any]:
@@ -201,45 +195,3 @@ def test_pipeline_end_to_end_with_restart_and_repoll(tmp_path: Path, dovecot: Do
     finally:
         codes = workers.stop_all()
     assert set(codes.values()) == {0}, workers.logs()
-
-
-def test_sigkill_of_each_stage_while_mail_flows_loses_and_doubles_nothing(
-        tmp_path: Path, dovecot: DovecotServer, rabbit_vhost: Vhost, database: Engine) -> None:
-    total = 300
-    for i in range(total):
-        dovecot.deliver("dave", mailgen.message(
-            "sender@example.org", ["dave@corp.example.com"], f"load {i}", "x" * 2000,
-            message_id=f"<load-{i}@example.org>"))
-    config = write_config(tmp_path / "mailroute.yaml", dovecot, rabbit_vhost, database,
-                          batch_size=25)
-    workers = Workers(config, tmp_path)
-    emails = EmailStore(database).tables.emails
-
-    def persisted() -> int:
-        with database.connect() as connection:
-            return int(connection.execute(select(func.count()).select_from(emails)).scalar_one())
-
-    try:
-        workers.start(*STAGES)
-        wait_for(lambda: workers.counter("ingest", "mailroute_mailbox_messages_fetched_total")
-                 > 0, "ingest to publish a first batch", on_timeout=workers.logs)
-        assert workers.kill("ingest") == -signal.SIGKILL
-        workers.start("ingest")
-        for stage, threshold in (("parse", 60), ("persist", 120), ("route", 180),
-                                 ("persist", 240)):
-            wait_for(functools.partial(at_least, persisted, threshold), f"{threshold} emails",
-                     on_timeout=workers.logs)
-            assert workers.kill(stage) == -signal.SIGKILL
-            workers.start(stage)
-        wait_for(lambda: persisted() == total, f"all {total} emails",
-                 on_timeout=lambda: f"{persisted()}\n{workers.logs()}")
-        tables = EmailStore(database).tables
-        with database.connect() as connection:
-            per_email = connection.execute(
-                select(tables.deliveries.c.email_id, func.count())
-                .group_by(tables.deliveries.c.email_id)).all()
-        assert len(per_email) == total and {n for _, n in per_email} == {1}
-    finally:
-        workers.stop_all()
-    assert drain_queue(rabbit_vhost.url, "mail.parse.dead") == []
-    assert drain_queue(rabbit_vhost.url, "mail.persist.dead") == []
