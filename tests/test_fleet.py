@@ -596,6 +596,28 @@ def test_idle_delivers_new_mail_without_waiting_for_the_interval(fleet: Fleet) -
                  "mail after the dropped IDLE", 120)
 
 
+def test_a_silently_dropped_idle_session_is_noticed_and_no_mail_is_missed(
+        fleet: Fleet) -> None:
+    # Fault 19: the link goes quiet (no FIN, no RST); only the re-issued IDLE can notice.
+    user = fleet.user()
+    with StallableProxy(fleet.dovecot.host, fleet.dovecot.imap_port) as proxy:
+        box = fleet.box(user, push=True, forward=True, interval=1.0)
+        profile = fleet.profile(port=proxy.port, tls="none", timeout=2.0)
+        seen: list[str] = []
+        with fleet.running(fleet.settings(box, profile=profile, max_backoff=1.0)):
+            wait_for(lambda: fleet.sample("mailroute_ingest_push_sessions") == 1, "IDLE", 30)
+            proxy.stall()
+            fleet.dovecot.deliver(user, message("during-the-silence"))
+            wait_for(lambda: fleet.sample("mailroute_mailbox_polls_total", mailbox=box.name,
+                                          outcome="failure") >= 1,
+                     "the dead session noticed (IDLE re-issued, no answer in time)", 60)
+            proxy.cut()  # the old connections are gone for good; new ones get through
+            wait_for(lambda: _collect(fleet, seen) == ["during-the-silence"],
+                     "the mail that arrived while the link was silent", 60)
+        lease = fleet.leases.get(box.name)
+        assert lease is not None and lease.disabled_reason is None
+
+
 def test_idle_is_reissued_on_one_session_and_reports_new_mail(fleet: Fleet) -> None:
     user = fleet.user()
     box = fleet.box(user)
