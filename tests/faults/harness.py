@@ -114,6 +114,8 @@ class Pipeline:
             "database": {"url": self.engine.url.render_as_string(hide_password=False)},
             "retry": {"attempts": 3, "initial_delay": 0.05, "max_delay": 1.0},
             "metrics": {"base_port": 0},
+            # A SIGKILLed poller's mailboxes wait for its lease to run out: 3 s, not 60.
+            "fleet": {"lease_seconds": 3},
             "servers": [{"name": "dovecot", "host": profile.host,
                          "port": imap_port or profile.port, "tls": "none", "timeout": 5,
                          **self.server}],
