@@ -13,7 +13,6 @@ the database is unreachable.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -30,7 +29,7 @@ from persist.database import translate_errors
 from persist.directory_store import resolve_parties
 from persist.tables import Tables, build_tables
 from route.directory import PartyMatch
-from route.history import History, KnownEmail, Lookups, Prefetched
+from route.history import History, KnownEmail, Lookups, Prefetched, SubjectQuery
 
 
 def known_email_query(tables: Tables) -> Any:
@@ -63,7 +62,12 @@ def known_by_message_ids(connection: Connection, tables: Tables,
 
 PARTY_CACHE_ENTRIES = 10_000
 
-# SqlHistory._by_subject for each (key, since, participants) of a batch, numbered from 1.
+# The newest email for each (subject key, since, participants) asked, numbered from 1 (the
+# participants, strict addresses without line breaks, one text per query, one per line).
+# PostgreSQL's planner, left to itself, joined all the recent parties or intersected the
+# whole first_seen_at window for each lookup (4-8 ms at 1,500 emails, growing with the
+# table): OFFSET 0 keeps the participant test a per-row check, so each lookup walks its
+# subject's (subject_key, id) index backwards and stops at the first match (0.03 ms).
 NEWEST_BY_SUBJECTS = """
 SELECT q.n, e.id, e.thread_id, e.message_id, e.case_id, e.tracked
 FROM unnest(CAST(:keys AS text[]), CAST(:sinces AS timestamptz[]),
@@ -77,9 +81,9 @@ CROSS JOIN LATERAL (
     WHERE emails.subject_key = q.subject_key AND emails.first_seen_at >= q.since
       AND EXISTS (SELECT parties.id FROM parties
                   WHERE parties.email_id = emails.id
-                    AND lower(parties.address) IN (
-                        SELECT jsonb_array_elements_text(CAST(q.wanted AS jsonb))))
-    ORDER BY emails.id DESC LIMIT 1) AS e
+                    AND lower(parties.address) = ANY(string_to_array(q.wanted, E'\n'))
+                  OFFSET 0)
+    ORDER BY emails.subject_key DESC, emails.id DESC LIMIT 1) AS e
 """
 
 
@@ -163,8 +167,20 @@ class SqlHistory:
 
     def by_subject(self, subject_key: str, participants: Collection[str],
                    since: datetime) -> KnownEmail | None:
+        if self._engine.dialect.name == "postgresql":
+            return self._newest_by_subject([(subject_key, frozenset(participants), since)]
+                                           ).get((subject_key, frozenset(participants), since))
         return self._one(self._by_subject, subject_key=subject_key, since=since,
                          participants=sorted(participants))
+
+    def _newest_by_subject(self, queries: Collection[SubjectQuery]
+                           ) -> dict[SubjectQuery, KnownEmail]:
+        ordered = sorted(queries, key=lambda q: (q[0], sorted(q[1]), q[2]))
+        with self._reading() as connection:
+            rows = connection.execute(self._newest_by_subjects, {
+                "keys": [q[0] for q in ordered], "sinces": [q[2] for q in ordered],
+                "participants": ["\n".join(sorted(q[1])) for q in ordered]}).all()
+        return {ordered[row.n - 1]: to_known(row) for row in rows}
 
     def prefetched(self, lookups: Lookups) -> History:
         """The answers to a batch's lookups, one query per kind (PostgreSQL; SQLite, local
@@ -197,12 +213,8 @@ class SqlHistory:
                 answers.newest_by_root = {
                     row.thread_index_root: to_known(row) for row in connection.execute(
                         self._newest_by_roots, {"roots": sorted(lookups.thread_index_roots)})}
-            if lookups.subjects:
-                queries = sorted(lookups.subjects, key=lambda q: (q[0], sorted(q[1]), q[2]))
-                rows = connection.execute(self._newest_by_subjects, {
-                    "keys": [q[0] for q in queries], "sinces": [q[2] for q in queries],
-                    "participants": [json.dumps(sorted(q[1])) for q in queries]})
-                answers.newest_by_subject = {queries[row.n - 1]: to_known(row) for row in rows}
+        if lookups.subjects:
+            answers.newest_by_subject = self._newest_by_subject(lookups.subjects)
         return answers
 
     def party(self, address: str) -> PartyMatch | None:
