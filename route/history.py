@@ -6,7 +6,10 @@ Routing stays a function of its inputs: the parsed email, the directory and a
 what was *committed* when it ran: a reply routed before its parent's commit does not see the
 parent, which is why route also hands persist the ids it looked for (``correlation.
 candidates``) and persist repeats the Message-ID lookup inside its transaction (see
-``persist.store``).  Lookups fail with ``TransientError`` when the database is unreachable.
+``persist.store``).  A :class:`BatchHistory` also answers the :class:`Lookups` of a whole
+batch of emails in a few queries (:class:`Prefetched`): a round trip per kind of lookup
+instead of one or two per email.  Lookups fail with ``TransientError`` when the database is
+unreachable.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from route.directory import PartyMatch, address_keys, domain_of
 
@@ -96,3 +99,63 @@ class MemoryHistory:
 
 class NoHistory(MemoryHistory):
     """Knows no earlier mail and no database contacts (a route stage without a database)."""
+
+
+SubjectQuery = tuple[str, frozenset[str], datetime]  # subject key, participants, since
+
+
+@dataclass(frozen=True)
+class Lookups:
+    """Every lookup routing a batch of emails may make, gathered to be asked at once."""
+
+    email_ids: frozenset[int] = frozenset()
+    message_ids: frozenset[str] = frozenset()
+    thread_index_roots: frozenset[str] = frozenset()
+    subjects: frozenset[SubjectQuery] = frozenset()
+
+
+@dataclass
+class Prefetched:
+    """A :class:`History` answering the gathered :class:`Lookups` from one batch of queries
+    (what was committed when they ran, as each lookup alone would give) and passing any
+    other question on to ``base``."""
+
+    base: History
+    lookups: Lookups
+    emails_by_id: dict[int, KnownEmail] = field(default_factory=dict)
+    emails_by_message_id: dict[str, KnownEmail] = field(default_factory=dict)
+    newest_by_root: dict[str, KnownEmail] = field(default_factory=dict)
+    newest_by_subject: dict[SubjectQuery, KnownEmail] = field(default_factory=dict)
+
+    def by_message_ids(self, message_ids: Sequence[str]) -> list[KnownEmail]:
+        if not self.lookups.message_ids.issuperset(message_ids):
+            return self.base.by_message_ids(message_ids)
+        return [self.emails_by_message_id[m] for m in message_ids
+                if m in self.emails_by_message_id]
+
+    def by_email_id(self, email_id: int) -> KnownEmail | None:
+        if email_id not in self.lookups.email_ids:
+            return self.base.by_email_id(email_id)
+        return self.emails_by_id.get(email_id)
+
+    def by_thread_index_root(self, root: str) -> KnownEmail | None:
+        if root not in self.lookups.thread_index_roots:
+            return self.base.by_thread_index_root(root)
+        return self.newest_by_root.get(root)
+
+    def by_subject(self, subject_key: str, participants: Collection[str],
+                   since: datetime) -> KnownEmail | None:
+        query = (subject_key, frozenset(participants), since)
+        if query not in self.lookups.subjects:
+            return self.base.by_subject(subject_key, participants, since)
+        return self.newest_by_subject.get(query)
+
+    def party(self, address: str) -> PartyMatch | None:
+        return self.base.party(address)
+
+
+@runtime_checkable
+class BatchHistory(History, Protocol):
+    """A :class:`History` that can answer a batch's :class:`Lookups` in a few queries."""
+
+    def prefetched(self, lookups: Lookups) -> History: ...

@@ -26,9 +26,16 @@ from typing import Any
 from route.attachments import screen_attachments
 from route.directory import Directory, Principal, strict_address
 from route.forwarding import ForwardPolicy, forwarded_delivery, loop_reason
-from route.history import History, NoHistory
+from route.history import BatchHistory, History, Lookups, NoHistory
 from route.rules import RuleFacts, first_matching_rule, is_auto_reply
-from route.threading import Correlation, TrackingToken, correlate, thread_facts
+from route.threading import (
+    Correlation,
+    ThreadFacts,
+    TrackingToken,
+    correlate,
+    lookups,
+    thread_facts,
+)
 from route.tracking import SUPPRESSED, tracking_decision
 from shared.errors import PermanentError
 from shared.settings import RuleSettings, Settings
@@ -88,15 +95,36 @@ class Router:
         self.token = TrackingToken(settings.threading.token_format)
         self._principals = {(p.kind, p.name): p for p in self.directory.principals}
 
-    def decide(self, parsed: dict[str, Any]) -> Decision:
-        deliveries = route(parsed, self.directory, self.forwarding)
-        email = parsed["email"]
-        facts = thread_facts(email, self.token)
+    def _thread_facts(self, parsed: dict[str, Any]) -> tuple[ThreadFacts, datetime]:
+        facts = thread_facts(parsed["email"], self.token)
         facts = dataclasses.replace(facts, participants=frozenset(
             a for a in facts.participants if not self.directory.is_internal(a)))
-        received_at = parsed["source"].get("received_at") or datetime.now(UTC)
-        correlation = correlate(facts, self.history, self.settings.threading, received_at)
-        sender_known = self._sender_known(email)
+        return facts, parsed["source"].get("received_at") or datetime.now(UTC)
+
+    def history_for(self, batch: list[dict[str, Any]]) -> History:
+        """The history to route ``batch`` with: one that has asked every threading lookup
+        of the batch at once, when the history can (one round trip per kind of lookup
+        instead of one or two per email), else the history itself."""
+        if len(batch) < 2 or not isinstance(self.history, BatchHistory):
+            return self.history
+        wanted = []
+        for parsed in batch:
+            facts, received_at = self._thread_facts(parsed)
+            wanted.append(lookups(facts, self.settings.threading, received_at))
+        return self.history.prefetched(Lookups(
+            email_ids=frozenset().union(*(w.email_ids for w in wanted)),
+            message_ids=frozenset().union(*(w.message_ids for w in wanted)),
+            thread_index_roots=frozenset().union(*(w.thread_index_roots for w in wanted)),
+            subjects=frozenset().union(*(w.subjects for w in wanted))))
+
+    def decide(self, parsed: dict[str, Any], history: History | None = None) -> Decision:
+        """Route one email; ``history`` (default: the router's) answers the lookups."""
+        history = history or self.history
+        deliveries = route(parsed, self.directory, self.forwarding)
+        email = parsed["email"]
+        facts, received_at = self._thread_facts(parsed)
+        correlation = correlate(facts, history, self.settings.threading, received_at)
+        sender_known = self._sender_known(email, history)
         auto_reply = is_auto_reply(email)
         fired: list[tuple[dict[str, Any], RuleSettings]] = []
         for delivery in deliveries:
@@ -137,7 +165,7 @@ class Router:
                     found[address] = principal.kind
         return found
 
-    def _sender_known(self, email: dict[str, Any]) -> bool | None:
+    def _sender_known(self, email: dict[str, Any], history: History) -> bool | None:
         """True for a configured or stored contact/account; None if missing or ambiguous."""
         senders = email.get("from_") or email.get("from") or []
         if not senders or any(d.startswith("ambiguous-address:from")
@@ -148,7 +176,7 @@ class Router:
             return None
         if self.directory.configured_party(address) is not None:
             return True
-        return self.history.party(address) is not None
+        return history.party(address) is not None
 
     def _records(self, fired: list[tuple[dict[str, Any], RuleSettings]],
                  correlation: Correlation, email: dict[str, Any], notes: list[str],

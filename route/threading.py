@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from route.directory import strict_address
-from route.history import History, KnownEmail
+from route.history import History, KnownEmail, Lookups, SubjectQuery
 from shared.settings import ThreadingSettings
 
 # Reply and forward prefixes in the languages Outlook and common clients write.
@@ -167,3 +167,18 @@ def correlate(facts: ThreadFacts, history: History, settings: ThreadingSettings,
         if known is not None:
             return Correlation("smart", known)
     return Correlation("none")
+
+
+def lookups(facts: ThreadFacts, settings: ThreadingSettings, received_at: datetime) -> Lookups:
+    """Every lookup :func:`correlate` may make for these facts (it stops at the first hit)."""
+    references = [m for m in facts.references if m != facts.in_reply_to]
+    subjects: frozenset[SubjectQuery] = frozenset()
+    if settings.smart_match and facts.subject_key and facts.participants:
+        since = received_at - timedelta(days=settings.smart_match_days)
+        subjects = frozenset({(facts.subject_key, facts.participants, since)})
+    return Lookups(
+        email_ids=frozenset({facts.token}) if facts.token is not None else frozenset(),
+        message_ids=frozenset(references + ([facts.in_reply_to] if facts.in_reply_to else [])),
+        thread_index_roots=frozenset({facts.thread_index_root})
+        if facts.thread_index_root else frozenset(),
+        subjects=subjects)

@@ -1,6 +1,7 @@
 """The route stage: a parsed email in, the same email with its deliveries and records out.
 
-Takes parsed documents; gives one routed document each.  The decisions are
+Takes parsed documents, one at a time or a batch (whose threading lookups are then asked at
+once: ``Router.history_for``); gives one routed document each.  The decisions are
 ``route.router.Router.decide`` (pure apart from read-only lookups of stored mail through
 ``route.history.History``); a message no one may receive is a ``PermanentError`` with the
 reason, which the runtime dead-letters; a lookup that cannot reach the database is a
@@ -14,6 +15,7 @@ from typing import Any
 
 from route.directory import Directory
 from route.forwarding import ForwardPolicy
+from route.history import History
 from route.router import Router
 from shared.metrics import Metrics
 from shared.schemas import Edge
@@ -34,12 +36,22 @@ class RouteStage:
         self._metrics = metrics
 
     def handle(self, document: dict[str, Any]) -> list[Output]:
-        decision = self.router.decide(document)
-        if self._metrics is not None:
-            for delivery in decision.deliveries:
-                if not delivery["tracked"]:
-                    self._metrics.messages_untracked.labels(
-                        stage="route", reason=delivery["untracked_reason"]).inc()
+        outputs = self._route(document, self.router.history)
+        self._count_untracked(outputs)
+        return outputs
+
+    def handle_batch(self, documents: list[dict[str, Any]]) -> list[list[Output]]:
+        """The batch's threading lookups asked at once, then each email routed as alone.
+        A document that cannot be routed fails the batch: the runtime then routes each
+        document alone, so that only that one is dead-lettered."""
+        history = self.router.history_for(documents)
+        results = [self._route(document, history) for document in documents]
+        for outputs in results:  # counted once the whole batch has succeeded
+            self._count_untracked(outputs)
+        return results
+
+    def _route(self, document: dict[str, Any], history: History) -> list[Output]:
+        decision = self.router.decide(document, history)
         return [Output("routed", {
             "trace_id": document["trace_id"],
             "source": document["source"],
@@ -49,3 +61,12 @@ class RouteStage:
             "correlation": decision.correlation,
             "records": decision.records,
         })]
+
+    def _count_untracked(self, outputs: list[Output]) -> None:
+        if self._metrics is None:
+            return
+        for output in outputs:
+            for delivery in output.document["deliveries"]:
+                if not delivery["tracked"]:
+                    self._metrics.messages_untracked.labels(
+                        stage="route", reason=delivery["untracked_reason"]).inc()

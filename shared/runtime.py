@@ -3,10 +3,13 @@
 Takes a :class:`~shared.stage.Stage`, the settings, a :class:`~shared.transport.Broker`, the
 process's :class:`~shared.metrics.Metrics` and a stop event; :meth:`StageRunner.run` consumes
 the stage's input queue until the event is set.  Deliveries that have already arrived form a
-batch (no timer: PERFORMANCE.md shows a timer doubles the median latency); the batch is
-handled in a helper thread while this thread keeps both connections' heartbeats alive; every
-output and every dead letter of the batch is published with one wait for the confirms; only
-then is each input acked.  So a crash anywhere before the ack redelivers, never loses.
+batch (no timer: PERFORMANCE.md shows a timer doubles the median latency; at most half the
+prefetch, so that the broker can send the next batch meanwhile); the batch is handled in a
+helper thread while this thread keeps both connections' heartbeats alive and waits for the
+confirms of the previous batch's outputs, then acks that one; this batch's outputs and dead
+letters are then published, and acked once confirmed, while the next batch is handled.  So
+no input is acked before its outputs are confirmed (or, for persist, committed), and a crash
+anywhere before the ack redelivers, never loses.
 
 Failure handling, per message: a document that does not decode, or a ``PermanentError``,
 goes to the stage's dead-letter queue at once with the reason in its headers;
@@ -41,7 +44,7 @@ from shared.metrics import Metrics
 from shared.schemas import Codec
 from shared.settings import RetrySettings, Settings
 from shared.stage import BatchStage, Output, Stage
-from shared.transport import Broker, Envelope, Publisher, discard
+from shared.transport import Broker, Envelope, Publisher, Sent, discard
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,15 @@ class Dead:
 Result = Handled | Dead
 
 
+@dataclass
+class _Published:
+    """A handled batch whose outputs are published; acked once they are confirmed."""
+
+    batch: list[Message]
+    results: list[Result]
+    sent: Sent
+
+
 def backoff_delay(retry: RetrySettings, attempt: int, rng: Callable[[], float]) -> float:
     """Capped exponential backoff with jitter: between half and all of the capped delay."""
     capped = min(retry.max_delay, retry.initial_delay * (2 ** max(0, attempt - 1)))
@@ -86,6 +98,12 @@ class StageRunner:
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix=f"{stage.name}-handler")
         self._ready_gauge = metrics.ready.labels(stage=stage.name)
+        self._messages_in = metrics.messages_in.labels(stage=stage.name)
+        self._messages_out = metrics.messages_out.labels(stage=stage.name)
+        self._processing_seconds = metrics.processing_seconds.labels(stage=stage.name)
+        # Two batches share the prefetch window: one waiting for its confirms, one being
+        # handled; so the broker always has room to send the next deliveries.
+        self._batch_limit = max(1, settings.broker.prefetch // 2)
         # Series exist from the start at 0, so "nothing processed for hours" can be alerted on.
         for counter in (metrics.messages_in, metrics.messages_out, metrics.messages_retried):
             counter.labels(stage=stage.name)
@@ -135,16 +153,22 @@ class StageRunner:
             self._set_ready(True)
             self._consumed_since_connect = False
             log.info("%s: consuming %s", self.stage.name, self.queue_name)
+            inflight: _Published | None = None
             while not self.stop.is_set():
-                if not pending:
+                self._take_arrived(connection, pending)
+                if pending:
+                    batch = pending[:self._batch_limit]
+                    del pending[:len(batch)]
+                    inflight = self._process(batch, connection, publisher, inflight)
+                    self._consumed_since_connect = True
+                elif inflight is not None:
+                    self._finish(inflight, publisher)
+                    inflight = None
+                else:
                     self._poll(connection, 0.5)
                     self._heartbeat(connection, publisher)
-                    continue
-                self._take_arrived(connection, pending)
-                batch = pending[:]
-                pending.clear()
-                self._process(batch, connection, publisher)
-                self._consumed_since_connect = True
+            if inflight is not None:
+                self._finish(inflight, publisher)
             graceful = True
         finally:
             self._set_ready(False)
@@ -172,37 +196,53 @@ class StageRunner:
         publisher.keepalive()
 
     # -- one batch -----------------------------------------------------------------------
-    def _process(self, batch: list[Message], connection: Connection,
-                 publisher: Publisher) -> None:
-        self.metrics.messages_in.labels(stage=self.stage.name).inc(len(batch))
+    def _process(self, batch: list[Message], connection: Connection, publisher: Publisher,
+                 inflight: _Published | None) -> _Published:
+        """Handle ``batch`` while the previous batch's confirms come in; then ack that one
+        and publish this one's outputs (its confirms are waited for by the next call)."""
+        self._messages_in.inc(len(batch))
         started = time.perf_counter()
         future = self._executor.submit(self._handle_batch, batch)
+        try:
+            if inflight is not None:
+                self._finish(inflight, publisher)
+        except BaseException:
+            # This batch is dropped unacked (redelivered); let its handler end first.
+            with contextlib.suppress(Exception):
+                self._wait_keeping_alive(future, connection, publisher)
+            raise
         results = self._wait_keeping_alive(future, connection, publisher)
         elapsed = time.perf_counter() - started
         for _ in batch:
-            self.metrics.processing_seconds.labels(stage=self.stage.name).observe(
-                elapsed / len(batch))
+            self._processing_seconds.observe(elapsed / len(batch))
         envelopes: list[Envelope] = []
         topology = self.broker.topology
         for message, result in zip(batch, results, strict=True):
-            headers = {"x-mailroute-trace": _header(message, "x-mailroute-trace")}
             if isinstance(result, Handled):
                 for out in result.outputs:
                     envelopes.append(Envelope(
                         self.codec.encode(out.edge, out.document), topology.exchange_name,
                         topology.queue_for_edge(out.edge),
-                        {**headers, "x-mailroute-trace": out.document.get("trace_id", "")}))
+                        {"x-mailroute-trace": out.document.get("trace_id", "")}))
             else:
                 envelopes.append(self._dead_letter(message, result))
-        publisher.publish_envelopes(envelopes)
+        return _Published(batch, results, publisher.send(envelopes))
+
+    def _finish(self, published: _Published, publisher: Publisher) -> None:
+        """Wait for a batch's confirms, then ack it and count what became of it."""
+        publisher.wait(published.sent)
+        batch, results = published.batch, published.results
         self._ack(batch)
+        logging_info = log.isEnabledFor(logging.INFO)
         for message, result in zip(batch, results, strict=True):
-            trace = _header(message, "x-mailroute-trace")
             if isinstance(result, Handled):
-                self.metrics.messages_out.labels(stage=self.stage.name).inc(len(result.outputs))
-                log.info("%s: handled, %d output(s)", self.stage.name, len(result.outputs),
-                         extra=traced(trace, stage=self.stage.name, outcome="handled"))
+                self._messages_out.inc(len(result.outputs))
+                if logging_info:
+                    log.info("%s: handled, %d output(s)", self.stage.name, len(result.outputs),
+                             extra=traced(_header(message, "x-mailroute-trace"),
+                                          stage=self.stage.name, outcome="handled"))
             else:
+                trace = _header(message, "x-mailroute-trace")
                 self.metrics.messages_dead.labels(stage=self.stage.name,
                                                   reason=result.reason).inc()
                 log.warning("%s: dead-lettered %s: %s: %s", self.stage.name,

@@ -2,7 +2,9 @@
 
 Takes the broker settings; gives :class:`Broker` (connections, topology declaration) and
 :class:`Publisher`, whose :meth:`Publisher.publish` sends a whole batch, then waits once for
-every confirm (PERFORMANCE.md: waiting for each confirm in turn halves a pipeline).  Each
+every confirm (PERFORMANCE.md: waiting for each confirm in turn halves a pipeline);
+:meth:`Publisher.send` and :meth:`Publisher.wait` are the two halves, so that a worker can
+handle its next batch while the confirms of the last one come in.  Each
 message is published ``mandatory``, so an unroutable one comes back instead of vanishing.
 Fails with :class:`~shared.errors.TransientError` when any message is nacked, returned, or not
 confirmed within ``confirm_timeout``; the caller has then acked nothing and advanced nothing,
@@ -65,6 +67,14 @@ class Envelope:
     exchange: str
     routing_key: str
     headers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Messages published on ``channel`` whose confirms :meth:`Publisher.wait` waits for."""
+
+    channel: Any
+    tags: list[int]
 
 
 class Broker:
@@ -186,8 +196,14 @@ class Publisher:
                                   mailbox=source.get("mailbox"), uid=source.get("uid")))
 
     def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish and wait for every confirm (``send`` then ``wait``)."""
+        self.wait(self.send(envelopes))
+
+    def send(self, envelopes: Sequence[Envelope]) -> Sent:
+        """Publish without waiting for the confirms; :meth:`wait` for them before acting on
+        them, and before the next ``send`` (one batch in flight per publisher)."""
         if not envelopes:
-            return
+            return Sent(None, [])
         # An idle connection may have been closed by the broker (missed heartbeats): find
         # out now, before publishing into it, and reconnect instead of failing the batch.
         self.keepalive()
@@ -209,17 +225,37 @@ class Publisher:
                 channel.basic_publish(message, exchange=envelope.exchange,
                                       routing_key=envelope.routing_key, mandatory=True,
                                       timeout=self._broker.settings.confirm_timeout)
-            if not self._broker.is_memory:
-                self._wait_for_confirms(tags)
-        except TransientError:
-            self.close(graceful=False)
-            raise
+            return Sent(channel, tags)
         except Exception as exc:
-            connection = self._connection
-            self.close(graceful=False)
-            if connection is None or isinstance(exc, _connection_errors(connection)):
-                raise TransientError(f"publish failed: {exc}") from exc
-            raise
+            failure = self._failed_publish(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def wait(self, sent: Sent) -> None:
+        """Wait until everything ``sent`` is confirmed; TransientError if any is not."""
+        if not sent.tags or self._broker.is_memory:
+            return
+        try:
+            if sent.channel is not self._channel:
+                raise TransientError("the publisher's connection was lost before the "
+                                     f"confirms of {len(sent.tags)} messages came")
+            self._wait_for_confirms(sent.tags)
+        except Exception as exc:
+            failure = self._failed_publish(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _failed_publish(self, exc: Exception) -> Exception:
+        """Drop the connection; connection errors become TransientError, bugs stay bugs."""
+        connection = self._connection
+        self.close(graceful=False)
+        if isinstance(exc, TransientError):
+            return exc
+        if connection is None or isinstance(exc, _connection_errors(connection)):
+            return TransientError(f"publish failed: {exc}")
+        return exc
 
     def _wait_for_confirms(self, tags: list[int]) -> None:
         assert self._connection is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +18,7 @@ from shared.runtime import StageRunner
 from shared.schemas import Codec, Edge
 from shared.settings import BrokerSettings, RetrySettings, Settings
 from shared.stage import Output
-from shared.transport import Broker, Envelope
+from shared.transport import Broker, Envelope, Publisher, Sent
 from tests import documents
 from tests.broker_fixtures import Vhost, drain_queue
 from tests.processes import wait_for
@@ -233,3 +233,86 @@ def test_the_broker_dead_letters_a_message_past_the_delivery_limit_policy(
     [(body, headers)] = drain_queue(rabbit_vhost.url, broker.topology.dead_queue("parse"))
     assert Codec().decode("raw", body)["raw"] == b"crash-loop"
     assert headers["x-first-death-reason"] == "delivery_limit"
+
+
+class RecordingPublisher(Publisher):
+    """Notes each send and each confirm wait (``events``), then does the real thing."""
+
+    def __init__(self, broker: Broker, codec: Codec, events: list[tuple[str, int]],
+                 before_first_wait: threading.Event | None = None) -> None:
+        super().__init__(broker, codec)
+        self.events = events
+        self.sends = 0
+        self.before_first_wait = before_first_wait
+
+    def send(self, envelopes: Sequence[Envelope]) -> Sent:
+        sent = super().send(envelopes)
+        self.sends += 1
+        self.events.append(("send", len(envelopes)))
+        return sent
+
+    def wait(self, sent: Sent) -> None:
+        if self.before_first_wait is not None and sent.tags:
+            # Hold the first batch's confirms until the next batch is being handled: a
+            # runner that handled the next batch only after this wait would never get there.
+            assert self.before_first_wait.wait(timeout=30), "next batch not handled meanwhile"
+            self.before_first_wait = None
+        super().wait(sent)
+        self.events.append(("confirmed", len(sent.tags)))
+
+
+class RecordingRunner(StageRunner):
+    events: list[tuple[str, int]]
+
+    def _ack(self, batch: list[Any]) -> None:
+        self.events.append(("ack", len(batch)))
+        super()._ack(batch)
+
+
+def test_the_next_batch_is_handled_while_the_last_batchs_confirms_come_in(
+        broker: Broker) -> None:
+    """Outputs of one batch are acked only after their confirms, and meanwhile the next
+    batch is already being handled (the prefetch is split between the two)."""
+    events: list[tuple[str, int]] = []
+    second_batch = threading.Event()
+    settings = replace(Settings(), broker=replace(broker.settings, prefetch=20))
+    recording = Broker(settings.broker)
+    recording.publisher = lambda codec=None: RecordingPublisher(  # type: ignore[method-assign]
+        recording, codec or Codec(), events, second_batch if broker.is_memory else None)
+    recording.declare()
+    publisher = Publisher(recording, Codec())
+    bodies = [f"ok-{i}@example.com".encode() for i in range(40)]
+    publisher.publish([Output("raw", documents.raw(body)) for body in bodies])
+    publisher.close()
+    events.clear()
+    stage = ScriptedStage()
+    original = stage.handle
+    stop = threading.Event()
+    metrics = Metrics()
+    runner = RecordingRunner(stage, settings, recording, metrics, stop)
+    runner.events = events
+
+    def handle(document: dict[str, Any]) -> list[Output]:
+        if stage.handled == 10:
+            second_batch.set()
+        events.append(("handle", 1))
+        return original(document)
+
+    stage.handle = handle  # type: ignore[method-assign]
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        wait_for(lambda: counter(metrics, "mailroute_stage_messages_out_total",
+                                 stage="parse") >= 40, "the runner to handle everything")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    sends = [n for kind, n in events if kind == "send"]
+    acks = [n for kind, n in events if kind == "ack"]
+    assert sum(acks) == 40 and sends == acks and max(acks) <= 10
+    for index, (kind, n) in enumerate(events):  # each ack right after its batch's confirms
+        if kind == "ack":
+            assert events[index - 1] == ("confirmed", n), events
+    if broker.is_memory:  # all 40 are queued before the first read: batches overlap
+        assert events.index(("handle", 1), events.index(("send", 10))) < events.index(
+            ("ack", 10)), events
