@@ -54,6 +54,10 @@ class Metrics:
         self.mailbox_last_success = Gauge(
             "mailroute_mailbox_last_success_timestamp_seconds",
             "Unix time of the mailbox's last successful poll", ["mailbox"], registry=r)
+        self.queue_redeclared = Counter(
+            "mailroute_stage_queue_redeclared", "Times a stage found its input queue missing "
+            "(deleted) and declared it again; replay from the journal (see the log)",
+            ["stage"], registry=r)
         self.mailbox_alerts = Counter(
             "mailroute_mailbox_alerts", "Alerts raised for a mailbox, by kind (auth, "
             "uidvalidity, disabled)", ["mailbox", "kind"], registry=r)

@@ -32,9 +32,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from amqp.exceptions import NotFound
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
@@ -109,6 +110,7 @@ class StageRunner:
             counter.labels(stage=stage.name)
         self._ready = False
         self._consumed_since_connect = False
+        self._lost_at: datetime | None = None  # when consuming last failed
 
     @property
     def is_ready(self) -> bool:
@@ -130,6 +132,7 @@ class StageRunner:
                 except (Stopping, KeyboardInterrupt):
                     break
                 except Exception as exc:
+                    self._lost_at = self._lost_at or datetime.now(UTC)
                     # A connection that worked for a while starts the backoff afresh.
                     attempt = 1 if self._consumed_since_connect else attempt + 1
                     delay = backoff_delay(self.settings.retry, attempt, self._rng)
@@ -145,11 +148,14 @@ class StageRunner:
         pending: list[Message] = []
         graceful = False
         try:
+            if not self.broker.is_memory:
+                self._declare_if_missing(connection)
             channel = connection.channel()
             consumer = Consumer(channel, queues=[Queue(self.queue_name, no_declare=True)],
                                 on_message=pending.append, no_ack=False,
                                 prefetch_count=self.settings.broker.prefetch)
             consumer.consume()
+            self._lost_at = None
             self._set_ready(True)
             self._consumed_since_connect = False
             log.info("%s: consuming %s", self.stage.name, self.queue_name)
@@ -174,6 +180,28 @@ class StageRunner:
             self._set_ready(False)
             publisher.close(graceful)
             discard(connection, graceful)
+
+    def _declare_if_missing(self, connection: Connection) -> None:
+        """Declare the topology again if the input queue is gone, and say what to replay.
+
+        Deleting a stage queue cancels its consumers; the stage before keeps publishing, and its
+        messages, still routed to the journal, are confirmed and acked there: not lost, but not
+        handled.  The journal has them, so the alert names the replay that hands them on.
+        """
+        channel = connection.channel()
+        try:
+            channel.queue_declare(queue=self.queue_name, passive=True)
+            return
+        except NotFound:
+            pass  # the broker closed this channel
+        self.broker.declare()
+        since = (self._lost_at or datetime.now(UTC)) - timedelta(minutes=1)
+        self.metrics.queue_redeclared.labels(stage=self.stage.name).inc()
+        log.error("ALERT %s: queue %s was missing (deleted?) and is declared again; what was "
+                  "published to it meanwhile is only in the journal: mailroute replay "
+                  "--stage %s --since %s (earlier still for a backlog it held)",
+                  self.stage.name, self.queue_name, self.stage.name,
+                  since.isoformat(timespec="seconds"))
 
     def _poll(self, connection: Connection, timeout: float) -> None:
         # kombu's virtual (memory) transport treats timeout=0 as "wait forever"

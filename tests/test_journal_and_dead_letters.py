@@ -9,6 +9,7 @@ failed in, and purged.
 from __future__ import annotations
 
 import json
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu import Connection
 from sqlalchemy.engine import Engine
 
 from persist.database import create_engine_for, upgrade
 from persist.replay_state import ReplayPositionStore
 from shared.dead_letters import DeadLetterQueue
 from shared.journal import JournalReader
+from shared.metrics import Metrics
 from shared.queue_metrics import PassiveDeclareReader
 from shared.replay import Replayer, ReplayRequest, Simulator
+from shared.runtime import StageRunner
 from shared.schemas import Codec
 from shared.settings import BrokerSettings, JournalSettings, Settings
 from shared.stage import Output
@@ -230,3 +234,51 @@ def test_reads_that_stop_early_leave_the_reader_usable(rabbit_vhost: Vhost) -> N
             assert first is not None and first.offset == 0
             marker, at = reader.mark_end()
             assert reader.end_offset(marker, at) > 0
+
+
+class PassOn:
+    """A parse-like stage that hands each raw message on as a parsed one."""
+
+    name = "parse"
+    input_edge = "raw"
+
+    def handle(self, document: dict[str, Any]) -> list[Output]:
+        return [Output("parsed", documents.parsed(document["trace_id"],
+                                                  message_id=document["raw"].decode()))]
+
+
+def test_a_deleted_stage_queue_is_declared_again_and_the_alert_names_the_replay(
+        rabbit_vhost: Vhost, engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(rabbit_vhost)
+    broker = Broker(settings.broker)
+    broker.declare()
+    metrics = Metrics()
+    stop = threading.Event()
+    runner = StageRunner(PassOn(), settings, broker, metrics, stop)  # type: ignore[arg-type]
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        wait_for(lambda: runner.is_ready, "parse consuming")
+        publish(broker, [Output("raw", documents.raw(b"before@example.com"))])
+        with Connection(rabbit_vhost.url) as connection:
+            connection.channel().queue_delete("mail.parse")
+        # Routed to the journal alone (so confirmed): not lost, but not handled either.
+        publish(broker, [Output("raw", documents.raw(f"gap{i}@example.com".encode()))
+                         for i in range(3)])
+        wait_for(lambda: (metrics.registry.get_sample_value(
+            "mailroute_stage_queue_redeclared_total", {"stage": "parse"}) or 0) == 1,
+            "the queue declared again")
+        wait_for(lambda: runner.is_ready, "parse consuming again")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    alert = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT"))
+    since = datetime.fromisoformat(alert.split("--since ")[1].split(" ")[0])
+    # The replay the alert names hands the gap on.
+    with JournalReader(rabbit_vhost.url, broker.topology, stall_seconds=3) as reader:
+        replay, publisher = replayer(settings, reader, broker, engine)
+        replay.run(ReplayRequest("parse", since, datetime.now(UTC) + timedelta(seconds=5)))
+        publisher.close()
+    refed = {Codec().decode("raw", b)["raw"]
+             for b, _ in drain_queue(rabbit_vhost.url, "mail.parse")}
+    assert refed >= {f"gap{i}@example.com".encode() for i in range(3)}
