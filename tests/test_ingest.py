@@ -7,6 +7,7 @@ also runs on RabbitMQ in a private vhost).
 
 from __future__ import annotations
 
+import logging
 import mailbox
 import os
 import threading
@@ -21,7 +22,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
-from ingest.imap_source import ImapSource
+from ingest.imap_source import ImapSource, quiet_imaplib
 from ingest.worker import IngestWorker
 from persist.database import create_engine_for, upgrade
 from persist.mailbox_state import MailboxStateStore
@@ -547,3 +548,23 @@ def test_maildir_that_does_not_exist_is_unavailable(harness: Harness, tmp_path: 
     box = MailboxSettings(name="demo", kind="maildir", path=str(tmp_path / "nope"))
     with pytest.raises(MailboxUnavailable):
         harness.worker(box).poll_once(box)
+
+
+# ---- imaplib's debug trace -----------------------------------------------------------------
+
+
+def test_imaplib_debug_trace_is_off_unless_its_logger_wants_it(
+        dovecot: DovecotServer, user: str) -> None:
+    with dovecot.client(user, "INBOX") as imap:
+        assert imap._imap.debug == 5  # imapclient's own setting, on every connection
+        logger = logging.getLogger("imapclient.imaplib")
+        old = logger.level
+        try:
+            logger.setLevel(logging.DEBUG)
+            quiet_imaplib(imap)
+            assert imap._imap.debug == 5
+            logger.setLevel(logging.INFO)
+            quiet_imaplib(imap)
+            assert imap._imap.debug == 0
+        finally:
+            logger.setLevel(old)
