@@ -9,7 +9,9 @@ check (``STATUS UIDNEXT UIDVALIDITY``) before the folder is selected; :meth:`idl
 in IDLE for new mail.  :meth:`ImapSource.batches` yields the messages whose UID is
 above ``after_uid`` (``UID SEARCH n:*`` always returns the last message, so UIDs at or below
 the cursor are dropped), ``batch_size`` at a time, each body paired with the UID its own FETCH
-response carries; a message expunged meanwhile is simply missing.  :meth:`after_confirm`
+response carries; a message expunged meanwhile is simply missing.  The next batch is fetched
+(a read that changes nothing) on a helper thread while the caller publishes the one in hand;
+any other command on the connection waits for that fetch first.  :meth:`after_confirm`
 applies keep / seen / move / delete to one batch.  UID commands only.
 
 Fails with :class:`~ingest.errors.MailboxAuthError` when the login is refused and
@@ -23,6 +25,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from types import TracebackType
@@ -45,6 +48,9 @@ DELETED = b"\\Deleted"
 FETCH_ITEMS = (b"BODY.PEEK[]", b"INTERNALDATE")
 
 ClientFactory = Callable[..., IMAPClient]
+# No batch is fetched ahead while the one in hand holds more than this (two big batches at
+# once would double the poller's memory).
+PREFETCH_MAX_BYTES = 16 * 1024 * 1024
 
 
 def tls_context(profile: ServerProfile) -> ssl.SSLContext:
@@ -61,7 +67,7 @@ class ImapSource:
 
     def __init__(self, mailbox: MailboxSettings, profile: ServerProfile,
                  client_factory: ClientFactory = IMAPClient,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, prefetch: bool = True) -> None:
         self._mailbox = mailbox
         self._profile = profile
         self._client_factory = client_factory
@@ -69,6 +75,8 @@ class ImapSource:
         self._client: IMAPClient | None = None
         self._uidvalidity: int | None = None
         self._selected = False
+        self._prefetch = prefetch
+        self._inflight: Future[list[FetchedMessage]] | None = None
 
     @property
     def uidvalidity(self) -> int | None:
@@ -215,6 +223,7 @@ class ImapSource:
         return news
 
     def close(self) -> None:
+        self._settle()
         client, self._client = self._client, None
         self._selected = False
         if client is None:
@@ -244,16 +253,44 @@ class ImapSource:
         self._ensure_selected()
         uids = self.new_uids(after_uid)
         size = max(1, self._mailbox.batch_size)
-        for start in range(0, len(uids), size):
-            wanted = uids[start:start + size]
-            messages = self._fetch(wanted)
-            if not messages:
-                continue  # all expunged meanwhile
+        chunks = [uids[start:start + size] for start in range(0, len(uids), size)]
+        if not self._prefetch or len(chunks) < 2:
+            for wanted in chunks:
+                yield from self._batch(self._fetch(self._require_client(), wanted))
+            return
+        # The next batch is fetched on a thread while the caller publishes this one, so that
+        # the IMAP server's work and ours overlap the broker's.  Fetching is a read (PEEK) and
+        # changes nothing; every other use of the connection waits for it (_settle).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imap-prefetch") as pool:
+            try:
+                messages = self._fetch(self._require_client(), chunks[0])
+                for following in [*chunks[1:], None]:
+                    pending = None
+                    if following is not None and \
+                            sum(len(m.raw) for m in messages) <= PREFETCH_MAX_BYTES:
+                        pending = pool.submit(self._fetch, self._require_client(), following)
+                    self._inflight = pending
+                    yield from self._batch(messages)
+                    if following is None:
+                        break
+                    messages = pending.result() if pending is not None else \
+                        self._fetch(self._require_client(), following)
+                    self._inflight = None
+            finally:
+                self._settle()
+                self._inflight = None
+
+    def _batch(self, messages: list[FetchedMessage]) -> Iterator[Batch]:
+        if messages:  # else all expunged meanwhile
             yield Batch(messages=messages, uidvalidity=self._uidvalidity,
                         last_uid=max(int(m.uid) for m in messages))
 
-    def _fetch(self, uids: list[int]) -> list[FetchedMessage]:
-        client = self._require_client()
+    def _settle(self) -> None:
+        """Wait for a prefetch in flight (its failure is raised where its batch is taken)."""
+        if self._inflight is not None:
+            wait([self._inflight])
+
+    def _fetch(self, client: IMAPClient, uids: list[int]) -> list[FetchedMessage]:
         with self._translate("fetch"):
             response = client.fetch(uids, FETCH_ITEMS)
         wanted = set(uids)
@@ -317,6 +354,7 @@ class ImapSource:
     # ---- helpers ------------------------------------------------------------------------
 
     def _require_client(self) -> IMAPClient:
+        self._settle()
         if self._client is None:
             raise MailboxUnavailable(f"mailbox {self._mailbox.name}: not connected")
         return self._client

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 from sqlalchemy.engine import Engine
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
@@ -99,11 +100,12 @@ class Harness:
         return MailboxSettings(**fields)
 
     def worker(self, *boxes: MailboxSettings, publisher: Any = None,
-               profile: ServerProfile | None = None) -> IngestWorker:
+               profile: ServerProfile | None = None, **kw: Any) -> IngestWorker:
         settings = Settings(broker=self.broker.settings,
                             servers=(profile or self.dovecot.server_profile("dovecot"),),
                             mailboxes=boxes)
-        return IngestWorker(settings, publisher or self.publisher, self.store, self.metrics)
+        return IngestWorker(settings, publisher or self.publisher, self.store, self.metrics,
+                            **kw)
 
     def published(self) -> list[dict[str, Any]]:
         queue = self.broker.topology.queue_for_edge("raw")
@@ -282,21 +284,25 @@ def test_a_stop_request_ends_the_poll_after_the_batch_in_hand(
     assert h.worker(box).poll_once(box) == 2
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 def test_expunge_between_search_and_fetch_never_pairs_a_body_with_the_wrong_uid(
-        harness: Harness, user: str) -> None:
+        harness: Harness, user: str, prefetch: bool) -> None:
     h = harness
-    uids = [h.dovecot.deliver(user, message(n)) for n in range(3)]
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(4)]
+    # With prefetch the second batch is already being fetched when the first is yielded:
+    # expunge the first one not yet asked for.
+    gone = 2 if prefetch else 1
     box = h.mailbox(user, batch_size=1, after="keep")
-    with ImapSource(box, h.dovecot.server_profile()) as source:
+    with ImapSource(box, h.dovecot.server_profile(), prefetch=prefetch) as source:
         batches = source.batches(0)
         first = next(batches)  # SEARCH done, first message fetched
         with h.dovecot.client(user, "INBOX") as other:
-            other.delete_messages([uids[1]])
-            other.uid_expunge([uids[1]])
+            other.delete_messages([uids[gone]])
+            other.uid_expunge([uids[gone]])
         rest = list(batches)
     fetched = {m.uid: marker_of(m.raw) for b in [first, *rest] for m in b.messages}
-    assert fetched == {str(uids[0]): "m0", str(uids[2]): "m2"}
-    assert rest[-1].last_uid == uids[2]
+    assert fetched == {str(uid): f"m{n}" for n, uid in enumerate(uids) if n != gone}
+    assert [b.last_uid for b in [first, *rest]] == [u for n, u in enumerate(uids) if n != gone]
 
 
 def test_uidvalidity_change_resets_the_cursor(harness: Harness, user: str) -> None:
@@ -372,6 +378,71 @@ def test_after_processing_happens_only_after_the_confirm(
     else:
         assert flags == {}
         assert len(h.dovecot.uids(user, "Processed")) == 4
+
+
+@pytest.mark.parametrize("action", ["seen", "move", "delete"])
+def test_with_batches_fetched_ahead_each_is_acted_on_only_after_its_confirm(
+        harness: Harness, user: str, action: AfterAction) -> None:
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
+    move_to = "Processed" if action == "move" else None
+    box = h.mailbox(user, batch_size=2, after=action, move_to=move_to)
+    at_publish: list[tuple[list[int], list[int], Any]] = []
+
+    def look(outputs: Sequence[Output]) -> None:
+        flags = h.dovecot.flags(user)
+        acted = sorted(u for u in uids if u not in flags or SEEN in flags[u])
+        cursor = h.store.cursor(box.name, "INBOX")
+        at_publish.append(([int(o.document["source"]["uid"]) for o in outputs], acted,
+                           cursor.last_uid if cursor else None))
+
+    worker = h.worker(box, publisher=WatchingPublisher(h.publisher, before=look))
+    assert worker.poll_once(box) == 5
+    # Each batch published with exactly the earlier batches acted on and the cursor on them.
+    assert at_publish == [(uids[0:2], [], None), (uids[2:4], uids[0:2], uids[1]),
+                          (uids[4:], uids[0:4], uids[3])]
+    assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids
+    flags = h.dovecot.flags(user)
+    assert (all(SEEN in f for f in flags.values()) if action == "seen" else flags == {})
+
+
+class FetchFailing:
+    """A real IMAPClient whose fetch number ``failing`` loses the connection."""
+
+    def __init__(self, failing: int) -> None:
+        self.failing = failing
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> IMAPClient:
+        factory = self
+
+        class Client(IMAPClient):
+            def fetch(self, *a: Any, **kw: Any) -> Any:
+                factory.calls += 1
+                if factory.calls == factory.failing:
+                    raise ConnectionResetError("connection reset by peer (injected)")
+                return super().fetch(*a, **kw)
+
+        return Client(*args, **kwargs)
+
+
+def test_a_failed_fetch_ahead_fails_the_poll_after_the_batch_in_hand_is_finished(
+        harness: Harness, user: str) -> None:
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
+    box = h.mailbox(user, batch_size=2, after="seen")
+    profile = h.dovecot.server_profile("dovecot")
+    # Fetch 1 is the first batch; fetch 2 is the second, fetched ahead on the helper thread.
+    failing = h.worker(box, source_factory=lambda b: ImapSource(
+        b, profile, client_factory=FetchFailing(2)))
+    with pytest.raises(MailboxUnavailable, match=r"fetch.*injected"):
+        failing.poll_once(box)
+    assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids[0:2]
+    assert h.store.cursor(box.name, "INBOX").last_uid == uids[1]  # type: ignore[union-attr]
+    assert [SEEN in f for f in h.dovecot.flags(user).values()] == [True] * 2 + [False] * 3
+
+    assert h.worker(box).poll_once(box) == 3
+    assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids[2:]
 
 
 def test_move_creates_a_missing_target_folder(harness: Harness, user: str) -> None:
