@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imapclient import IMAPClient
 from sqlalchemy.engine import Engine
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
@@ -42,6 +41,7 @@ from shared.stage import Output
 from shared.transport import Broker, Publisher
 from tests.broker_fixtures import Vhost, drain_queue
 from tests.dovecot import DovecotServer, dovecot_fixture
+from tests.tcp_proxy import StallableProxy
 
 dovecot = dovecot_fixture(scope="module")
 
@@ -406,40 +406,20 @@ def test_with_batches_fetched_ahead_each_is_acted_on_only_after_its_confirm(
     assert (all(SEEN in f for f in flags.values()) if action == "seen" else flags == {})
 
 
-class FetchFailing:
-    """A real IMAPClient whose fetch number ``failing`` loses the connection."""
-
-    def __init__(self, failing: int) -> None:
-        self.failing = failing
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> IMAPClient:
-        factory = self
-
-        class Client(IMAPClient):
-            def fetch(self, *a: Any, **kw: Any) -> Any:
-                factory.calls += 1
-                if factory.calls == factory.failing:
-                    raise ConnectionResetError("connection reset by peer (injected)")
-                return super().fetch(*a, **kw)
-
-        return Client(*args, **kwargs)
-
-
 def test_a_failed_fetch_ahead_fails_the_poll_after_the_batch_in_hand_is_finished(
         harness: Harness, user: str) -> None:
     h = harness
     uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
-    box = h.mailbox(user, batch_size=2, after="seen")
-    profile = h.dovecot.server_profile("dovecot")
-    # Fetch 1 is the first batch; fetch 2 is the second, fetched ahead on the helper thread.
-    failing = h.worker(box, source_factory=lambda b: ImapSource(
-        b, profile, client_factory=FetchFailing(2)))
-    with pytest.raises(MailboxUnavailable, match=r"fetch.*injected"):
-        failing.poll_once(box)
+    box = h.mailbox(user, batch_size=2, after="keep")
+    with StallableProxy(h.dovecot.host, h.dovecot.imap_port) as proxy:
+        # The second batch's FETCH, sent on the helper thread while the first is published,
+        # loses the connection.
+        proxy.drop_on(f"FETCH {uids[2]},{uids[3]} ".encode())
+        profile = replace(h.dovecot.server_profile("dovecot"), port=proxy.port)
+        with pytest.raises(MailboxUnavailable, match=r"fetch on .* failed"):
+            h.worker(box, profile=profile).poll_once(box)
     assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids[0:2]
     assert h.store.cursor(box.name, "INBOX").last_uid == uids[1]  # type: ignore[union-attr]
-    assert [SEEN in f for f in h.dovecot.flags(user).values()] == [True] * 2 + [False] * 3
 
     assert h.worker(box).poll_once(box) == 3
     assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids[2:]
