@@ -7,7 +7,8 @@ Takes :class:`IngestSettings`; gives figures.  A private Dovecot (tests/dovecot.
   cursor starting from nothing), publishing every message to a private RabbitMQ vhost with
   confirms and saving its cursor in PostgreSQL after each batch of ``batch_size``;
 - the ceiling: imapclient alone, the same ``UID SEARCH`` and ``UID FETCH BODY.PEEK[]`` in
-  the same batch size, doing nothing with the bodies;
+  the same batch size, doing nothing with the bodies; and, for information only, the same
+  with imaplib's debug trace (which imapclient switches on) turned off as the poller does;
 - the peer: ``mbsync`` (Debian's isync) pulling the mailbox into a fresh Maildir, and
   ``fetchmail`` handing each message to ``cat >/dev/null``, when installed
   (``apt-get install isync fetchmail``); a missing one is reported, not an error.
@@ -30,6 +31,7 @@ from imapclient import IMAPClient
 
 from bench.common import BenchError, Figure, median, private_database, private_vhost, progress
 from bench.mail import html_mail
+from ingest.imap_source import quiet_imaplib
 from ingest.worker import IngestWorker
 from persist.database import create_engine_for
 from persist.mailbox_state import MailboxStateStore
@@ -65,10 +67,13 @@ def fill(server: DovecotServer, settings: IngestSettings) -> None:
             imap.append("INBOX", raw)
 
 
-def imapclient_rate(server: DovecotServer, settings: IngestSettings) -> float:
+def imapclient_rate(server: DovecotServer, settings: IngestSettings,
+                    quiet: bool = False) -> float:
     started = time.perf_counter()
     fetched = 0
     imap = IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=60)
+    if quiet:
+        quiet_imaplib(imap)
     try:
         imap.login(USER, PASSWORD)
         imap.select_folder("INBOX", readonly=True)
@@ -163,6 +168,7 @@ def run(settings: IngestSettings) -> tuple[list[Figure], dict[str, Any]]:
     server.add_user(USER, PASSWORD)
     ours: list[float] = []
     bare: list[float] = []
+    quiet: list[float] = []
     peers: dict[str, list[float]] = {"mbsync": [], "fetchmail": []}
     missing: list[str] = []
     try:
@@ -174,6 +180,8 @@ def run(settings: IngestSettings) -> tuple[list[Figure], dict[str, Any]]:
             with private_vhost("ingest") as vhost, private_database("ingest") as database:
                 progress(f"ingest round {round_number + 1}: imapclient alone")
                 bare.append(imapclient_rate(server, settings))
+                progress(f"ingest round {round_number + 1}: imapclient, imaplib trace off")
+                quiet.append(imapclient_rate(server, settings, quiet=True))
                 progress(f"ingest round {round_number + 1}: one poller into the broker")
                 ours.append(ours_rate(server, settings, vhost.url, database))
             for name, measure in (("mbsync", mbsync_rate), ("fetchmail", fetchmail_rate)):
@@ -189,7 +197,9 @@ def run(settings: IngestSettings) -> tuple[list[Figure], dict[str, Any]]:
     figures = [Figure("ingest msg/s (one poller -> broker)", value, "msg/s", median(bare),
                       target=f">= {TARGET:,.0f} and >= 0.9 of imapclient",
                       meets_target=value >= TARGET and value >= 0.9 * median(bare),
-                      reference="imapclient", detail={"rounds": ours, "ceiling_rounds": bare})]
+                      reference="imapclient", detail={"rounds": ours, "ceiling_rounds": bare}),
+               Figure("ingest vs imapclient, trace off", value, "msg/s", median(quiet),
+                      reference="imapclient-quiet", detail={"ceiling_rounds": quiet})]
     for name, rates in peers.items():
         if rates:
             figures.append(Figure(f"ingest vs {name}", value, "msg/s", median(rates),
