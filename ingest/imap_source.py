@@ -296,6 +296,7 @@ class ImapSource:
     def _fetch(self, client: IMAPClient, uids: list[int]) -> list[FetchedMessage]:
         wanted = set(uids)
         found: dict[int, FetchedMessage] = {}
+        dates: dict[Any, datetime] = {}  # messages delivered together share an INTERNALDATE
         with self._translate("fetch"):
             # imapclient's fetch() issues the same command; its general response parser cost
             # more CPU than the rest of ingest together, so the responses are read here.
@@ -316,9 +317,11 @@ class ImapSource:
                 if not isinstance(uid, bytes) or not uid.isdigit():
                     raise IMAPClientError(f"fetch: a body came without its UID ({uid!r})")
                 if int(uid) in wanted:
-                    found[int(uid)] = FetchedMessage(
-                        uid=str(int(uid)), raw=body,
-                        received_at=_internaldate(items.get(b"INTERNALDATE")))
+                    internaldate = items.get(b"INTERNALDATE")
+                    if internaldate not in dates:
+                        dates[internaldate] = _internaldate(internaldate)
+                    found[int(uid)] = FetchedMessage(uid=str(int(uid)), raw=body,
+                                                     received_at=dates[internaldate])
         return [found[uid] for uid in sorted(found)]
 
     # ---- after-processing ---------------------------------------------------------------
