@@ -265,23 +265,31 @@ class ImapSource:
         # the IMAP server's work and ours overlap the broker's.  Fetching is a read (PEEK) and
         # changes nothing; every other use of the connection waits for it (_settle).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imap-prefetch") as pool:
+            pending: Future[list[FetchedMessage]] | None = None
             try:
                 messages = self._fetch(self._require_client(), chunks[0])
                 for following in [*chunks[1:], None]:
-                    pending = None
                     if following is not None and \
                             sum(len(m.raw) for m in messages) <= PREFETCH_MAX_BYTES:
                         pending = pool.submit(self._fetch, self._require_client(), following)
-                    self._inflight = pending
+                        self._inflight = pending
                     yield from self._batch(messages)
                     if following is None:
                         break
-                    messages = pending.result() if pending is not None else \
-                        self._fetch(self._require_client(), following)
-                    self._inflight = None
+                    if pending is None:
+                        messages = self._fetch(self._require_client(), following)
+                    else:
+                        messages = pending.result()
+                        if self._inflight is pending:
+                            self._inflight = None
+                        pending = None
             finally:
-                self._settle()
-                self._inflight = None
+                # Also when this generator is closed late (a poll that failed): only its own
+                # fetch is waited for and forgotten, never a later poll's.
+                if pending is not None:
+                    wait([pending])
+                    if self._inflight is pending:
+                        self._inflight = None
 
     def _batch(self, messages: list[FetchedMessage]) -> Iterator[Batch]:
         if messages:  # else all expunged meanwhile

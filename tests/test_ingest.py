@@ -12,17 +12,18 @@ import mailbox
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy.engine import Engine
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
 from ingest.imap_source import ImapSource, quiet_imaplib
+from ingest.source import Batch
 from ingest.worker import IngestWorker
 from persist.database import create_engine_for, upgrade
 from persist.mailbox_state import MailboxStateStore
@@ -404,6 +405,27 @@ def test_with_batches_fetched_ahead_each_is_acted_on_only_after_its_confirm(
     assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids
     flags = h.dovecot.flags(user)
     assert (all(SEEN in f for f in flags.values()) if action == "seen" else flags == {})
+
+
+def test_a_poll_closed_late_does_not_forget_the_next_polls_fetch_in_flight(
+        harness: Harness, user: str) -> None:
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(4)]
+    box = h.mailbox(user, batch_size=1, after="seen")
+    with ImapSource(box, h.dovecot.server_profile()) as source:
+        failed_poll = cast(Generator[Batch, None, None], source.batches(0))
+        next(failed_poll)  # its second batch is being fetched ahead; then the poll "fails"
+        poll = source.batches(0)  # the next poll on the same session (an IDLE session's)
+        first = next(poll)
+        failed_poll.close()  # the failed poll's generator is only collected now
+        # Its clean-up must leave the running poll's fetch ahead for after_confirm to wait on.
+        assert source._inflight is not None
+        source.after_confirm(first)
+        batches = [first, *poll]
+        for batch in batches[1:]:
+            source.after_confirm(batch)
+    assert [b.last_uid for b in batches] == uids
+    assert all(SEEN in f for f in h.dovecot.flags(user).values())
 
 
 def test_a_failed_fetch_ahead_fails_the_poll_after_the_batch_in_hand_is_finished(
