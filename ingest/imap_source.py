@@ -9,9 +9,7 @@ check (``STATUS UIDNEXT UIDVALIDITY``) before the folder is selected; :meth:`idl
 in IDLE for new mail.  :meth:`ImapSource.batches` yields the messages whose UID is
 above ``after_uid`` (``UID SEARCH n:*`` always returns the last message, so UIDs at or below
 the cursor are dropped), ``batch_size`` at a time, each body paired with the UID its own FETCH
-response carries; a message expunged meanwhile is simply missing.  The next batch is fetched
-(a read that changes nothing) on a helper thread while the caller publishes the one in hand;
-any other command on the connection waits for that fetch first.  :meth:`after_confirm`
+response carries; a message expunged meanwhile is simply missing.  :meth:`after_confirm`
 applies keep / seen / move / delete to one batch.  UID commands only.
 
 Fails with :class:`~ingest.errors.MailboxAuthError` when the login is refused and
@@ -25,7 +23,6 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from types import TracebackType
@@ -51,9 +48,6 @@ DELETED = b"\\Deleted"
 FETCH_ITEMS = "(BODY.PEEK[] INTERNALDATE)"
 
 ClientFactory = Callable[..., IMAPClient]
-# No batch is fetched ahead while the one in hand holds more than this (two big batches at
-# once would double the poller's memory).
-PREFETCH_MAX_BYTES = 16 * 1024 * 1024
 
 
 def tls_context(profile: ServerProfile) -> ssl.SSLContext:
@@ -70,7 +64,7 @@ class ImapSource:
 
     def __init__(self, mailbox: MailboxSettings, profile: ServerProfile,
                  client_factory: ClientFactory = IMAPClient,
-                 credentials: Credentials | None = None, prefetch: bool = True) -> None:
+                 credentials: Credentials | None = None) -> None:
         self._mailbox = mailbox
         self._profile = profile
         self._client_factory = client_factory
@@ -78,8 +72,6 @@ class ImapSource:
         self._client: IMAPClient | None = None
         self._uidvalidity: int | None = None
         self._selected = False
-        self._prefetch = prefetch
-        self._inflight: Future[list[FetchedMessage]] | None = None
 
     @property
     def uidvalidity(self) -> int | None:
@@ -226,7 +218,6 @@ class ImapSource:
         return news
 
     def close(self) -> None:
-        self._settle()
         client, self._client = self._client, None
         self._selected = False
         if client is None:
@@ -256,52 +247,16 @@ class ImapSource:
         self._ensure_selected()
         uids = self.new_uids(after_uid)
         size = max(1, self._mailbox.batch_size)
-        chunks = [uids[start:start + size] for start in range(0, len(uids), size)]
-        if not self._prefetch or len(chunks) < 2:
-            for wanted in chunks:
-                yield from self._batch(self._fetch(self._require_client(), wanted))
-            return
-        # The next batch is fetched on a thread while the caller publishes this one, so that
-        # the IMAP server's work and ours overlap the broker's.  Fetching is a read (PEEK) and
-        # changes nothing; every other use of the connection waits for it (_settle).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imap-prefetch") as pool:
-            pending: Future[list[FetchedMessage]] | None = None
-            try:
-                messages = self._fetch(self._require_client(), chunks[0])
-                for following in [*chunks[1:], None]:
-                    if following is not None and \
-                            sum(len(m.raw) for m in messages) <= PREFETCH_MAX_BYTES:
-                        pending = pool.submit(self._fetch, self._require_client(), following)
-                        self._inflight = pending
-                    yield from self._batch(messages)
-                    if following is None:
-                        break
-                    if pending is None:
-                        messages = self._fetch(self._require_client(), following)
-                    else:
-                        messages = pending.result()
-                        if self._inflight is pending:
-                            self._inflight = None
-                        pending = None
-            finally:
-                # Also when this generator is closed late (a poll that failed): only its own
-                # fetch is waited for and forgotten, never a later poll's.
-                if pending is not None:
-                    wait([pending])
-                    if self._inflight is pending:
-                        self._inflight = None
-
-    def _batch(self, messages: list[FetchedMessage]) -> Iterator[Batch]:
-        if messages:  # else all expunged meanwhile
+        for start in range(0, len(uids), size):
+            wanted = uids[start:start + size]
+            messages = self._fetch(wanted)
+            if not messages:
+                continue  # all expunged meanwhile
             yield Batch(messages=messages, uidvalidity=self._uidvalidity,
                         last_uid=max(int(m.uid) for m in messages))
 
-    def _settle(self) -> None:
-        """Wait for a prefetch in flight (its failure is raised where its batch is taken)."""
-        if self._inflight is not None:
-            wait([self._inflight])
-
-    def _fetch(self, client: IMAPClient, uids: list[int]) -> list[FetchedMessage]:
+    def _fetch(self, uids: list[int]) -> list[FetchedMessage]:
+        client = self._require_client()
         wanted = set(uids)
         found: dict[int, FetchedMessage] = {}
         dates: dict[Any, datetime] = {}  # messages delivered together share an INTERNALDATE
@@ -382,7 +337,6 @@ class ImapSource:
     # ---- helpers ------------------------------------------------------------------------
 
     def _require_client(self) -> IMAPClient:
-        self._settle()
         if self._client is None:
             raise MailboxUnavailable(f"mailbox {self._mailbox.name}: not connected")
         return self._client

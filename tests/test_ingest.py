@@ -12,18 +12,17 @@ import mailbox
 import os
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
 from ingest.imap_source import ImapSource, quiet_imaplib
-from ingest.source import Batch
 from ingest.worker import IngestWorker
 from persist.database import create_engine_for, upgrade
 from persist.mailbox_state import MailboxStateStore
@@ -101,12 +100,11 @@ class Harness:
         return MailboxSettings(**fields)
 
     def worker(self, *boxes: MailboxSettings, publisher: Any = None,
-               profile: ServerProfile | None = None, **kw: Any) -> IngestWorker:
+               profile: ServerProfile | None = None) -> IngestWorker:
         settings = Settings(broker=self.broker.settings,
                             servers=(profile or self.dovecot.server_profile("dovecot"),),
                             mailboxes=boxes)
-        return IngestWorker(settings, publisher or self.publisher, self.store, self.metrics,
-                            **kw)
+        return IngestWorker(settings, publisher or self.publisher, self.store, self.metrics)
 
     def published(self) -> list[dict[str, Any]]:
         queue = self.broker.topology.queue_for_edge("raw")
@@ -285,25 +283,21 @@ def test_a_stop_request_ends_the_poll_after_the_batch_in_hand(
     assert h.worker(box).poll_once(box) == 2
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
 def test_expunge_between_search_and_fetch_never_pairs_a_body_with_the_wrong_uid(
-        harness: Harness, user: str, prefetch: bool) -> None:
+        harness: Harness, user: str) -> None:
     h = harness
-    uids = [h.dovecot.deliver(user, message(n)) for n in range(4)]
-    # With prefetch the second batch is already being fetched when the first is yielded:
-    # expunge the first one not yet asked for.
-    gone = 2 if prefetch else 1
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(3)]
     box = h.mailbox(user, batch_size=1, after="keep")
-    with ImapSource(box, h.dovecot.server_profile(), prefetch=prefetch) as source:
+    with ImapSource(box, h.dovecot.server_profile()) as source:
         batches = source.batches(0)
         first = next(batches)  # SEARCH done, first message fetched
         with h.dovecot.client(user, "INBOX") as other:
-            other.delete_messages([uids[gone]])
-            other.uid_expunge([uids[gone]])
+            other.delete_messages([uids[1]])
+            other.uid_expunge([uids[1]])
         rest = list(batches)
     fetched = {m.uid: marker_of(m.raw) for b in [first, *rest] for m in b.messages}
-    assert fetched == {str(uid): f"m{n}" for n, uid in enumerate(uids) if n != gone}
-    assert [b.last_uid for b in [first, *rest]] == [u for n, u in enumerate(uids) if n != gone]
+    assert fetched == {str(uids[0]): "m0", str(uids[2]): "m2"}
+    assert rest[-1].last_uid == uids[2]
 
 
 def test_uidvalidity_change_resets_the_cursor(harness: Harness, user: str) -> None:
@@ -382,7 +376,7 @@ def test_after_processing_happens_only_after_the_confirm(
 
 
 @pytest.mark.parametrize("action", ["seen", "move", "delete"])
-def test_with_batches_fetched_ahead_each_is_acted_on_only_after_its_confirm(
+def test_with_several_batches_each_is_acted_on_only_after_its_own_confirm(
         harness: Harness, user: str, action: AfterAction) -> None:
     h = harness
     uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
@@ -407,35 +401,13 @@ def test_with_batches_fetched_ahead_each_is_acted_on_only_after_its_confirm(
     assert (all(SEEN in f for f in flags.values()) if action == "seen" else flags == {})
 
 
-def test_a_poll_closed_late_does_not_forget_the_next_polls_fetch_in_flight(
-        harness: Harness, user: str) -> None:
-    h = harness
-    uids = [h.dovecot.deliver(user, message(n)) for n in range(4)]
-    box = h.mailbox(user, batch_size=1, after="seen")
-    with ImapSource(box, h.dovecot.server_profile()) as source:
-        failed_poll = cast(Generator[Batch, None, None], source.batches(0))
-        next(failed_poll)  # its second batch is being fetched ahead; then the poll "fails"
-        poll = source.batches(0)  # the next poll on the same session (an IDLE session's)
-        first = next(poll)
-        failed_poll.close()  # the failed poll's generator is only collected now
-        # Its clean-up must leave the running poll's fetch ahead for after_confirm to wait on.
-        assert source._inflight is not None
-        source.after_confirm(first)
-        batches = [first, *poll]
-        for batch in batches[1:]:
-            source.after_confirm(batch)
-    assert [b.last_uid for b in batches] == uids
-    assert all(SEEN in f for f in h.dovecot.flags(user).values())
-
-
-def test_a_failed_fetch_ahead_fails_the_poll_after_the_batch_in_hand_is_finished(
+def test_a_connection_lost_while_fetching_a_batch_keeps_the_confirmed_ones(
         harness: Harness, user: str) -> None:
     h = harness
     uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
     box = h.mailbox(user, batch_size=2, after="keep")
     with StallableProxy(h.dovecot.host, h.dovecot.imap_port) as proxy:
-        # The second batch's FETCH, sent on the helper thread while the first is published,
-        # loses the connection.
+        # The second batch's FETCH loses the connection.
         proxy.drop_on(f"FETCH {uids[2]},{uids[3]} ".encode())
         profile = replace(h.dovecot.server_profile("dovecot"), port=proxy.port)
         with pytest.raises(MailboxUnavailable, match=r"fetch on .* failed"):
