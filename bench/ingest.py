@@ -7,7 +7,10 @@ Takes :class:`IngestSettings`; gives figures.  A private Dovecot (tests/dovecot.
   cursor starting from nothing), publishing every message to a private RabbitMQ vhost with
   confirms and saving its cursor in PostgreSQL after each batch of ``batch_size``;
 - the ceiling: imapclient alone, the same ``UID SEARCH`` and ``UID FETCH BODY.PEEK[]`` in
-  the same batch size, doing nothing with the bodies;
+  the same batch size, doing nothing with the bodies; and, for information only, the same
+  with imaplib's debug trace (which imapclient switches on) turned off as the poller does,
+  and the broker alone: the same documents, encoded beforehand, published in the same
+  batches with pipelined confirms (what the poller's publishing can reach at best);
 - the peer: ``mbsync`` (Debian's isync) pulling the mailbox into a fresh Maildir, and
   ``fetchmail`` handing each message to ``cat >/dev/null``, when installed
   (``apt-get install isync fetchmail``); a missing one is reported, not an error.
@@ -22,7 +25,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +36,15 @@ from imapclient import IMAPClient
 
 from bench.common import BenchError, Figure, median, private_database, private_vhost, progress
 from bench.mail import html_mail
+from ingest.imap_source import quiet_imaplib
 from ingest.worker import IngestWorker
 from persist.database import create_engine_for
 from persist.mailbox_state import MailboxStateStore
 from shared.metrics import Metrics
+from shared.schemas import Codec
 from shared.secrets import Secret
 from shared.settings import BrokerSettings, MailboxSettings, Settings
-from shared.transport import Broker
+from shared.transport import Broker, Envelope
 from tests.dovecot import DovecotServer
 
 TARGET = 5000.0
@@ -53,22 +61,53 @@ class IngestSettings:
     seed: int = 8
 
 
-def fill(server: DovecotServer, settings: IngestSettings) -> None:
+def mails(settings: IngestSettings) -> Iterator[bytes]:
     rng = random.Random(settings.seed)
     pool = [html_mail(rng, f"<pool-{i}@example.net>", settings.message_size)
             for i in range(32)]
+    for index in range(settings.messages):
+        yield pool[index % len(pool)].replace(
+            f"<pool-{index % len(pool)}@example.net>".encode(),
+            f"<ingest-{index:07d}@example.net>".encode())
+
+
+def fill(server: DovecotServer, settings: IngestSettings) -> None:
     with server.client(USER) as imap:
-        for index in range(settings.messages):
-            raw = pool[index % len(pool)].replace(
-                f"<pool-{index % len(pool)}@example.net>".encode(),
-                f"<ingest-{index:07d}@example.net>".encode())
+        for raw in mails(settings):
             imap.append("INBOX", raw)
 
 
-def imapclient_rate(server: DovecotServer, settings: IngestSettings) -> float:
+def broker_rate(settings: IngestSettings, broker_url: str) -> float:
+    """The broker alone: the same raw documents, encoded beforehand (not timed), published
+    in the same batches with pipelined confirms into the same topology."""
+    broker = Broker(BrokerSettings(url=broker_url))
+    broker.declare()
+    codec = Codec()
+    now = datetime.now(UTC)
+    topology = broker.topology
+    envelopes = [
+        Envelope(codec.encode("raw", {"trace_id": uuid.uuid4().hex, "raw": raw, "source": {
+            "mailbox": "bench", "mailbox_kind": "direct", "folder": "INBOX", "uidvalidity": 1,
+            "uid": str(index + 1), "received_at": now, "fetched_at": now}}),
+            topology.exchange_name, topology.queue_for_edge("raw"))
+        for index, raw in enumerate(mails(settings))]
+    publisher = broker.publisher()
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(envelopes), settings.batch_size):
+            publisher.publish_envelopes(envelopes[start:start + settings.batch_size])
+        return len(envelopes) / (time.perf_counter() - started)
+    finally:
+        publisher.close()
+
+
+def imapclient_rate(server: DovecotServer, settings: IngestSettings,
+                    quiet: bool = False) -> float:
     started = time.perf_counter()
     fetched = 0
     imap = IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=60)
+    if quiet:
+        quiet_imaplib(imap)
     try:
         imap.login(USER, PASSWORD)
         imap.select_folder("INBOX", readonly=True)
@@ -163,6 +202,8 @@ def run(settings: IngestSettings) -> tuple[list[Figure], dict[str, Any]]:
     server.add_user(USER, PASSWORD)
     ours: list[float] = []
     bare: list[float] = []
+    quiet: list[float] = []
+    broker_only: list[float] = []
     peers: dict[str, list[float]] = {"mbsync": [], "fetchmail": []}
     missing: list[str] = []
     try:
@@ -174,8 +215,13 @@ def run(settings: IngestSettings) -> tuple[list[Figure], dict[str, Any]]:
             with private_vhost("ingest") as vhost, private_database("ingest") as database:
                 progress(f"ingest round {round_number + 1}: imapclient alone")
                 bare.append(imapclient_rate(server, settings))
+                progress(f"ingest round {round_number + 1}: imapclient, imaplib trace off")
+                quiet.append(imapclient_rate(server, settings, quiet=True))
                 progress(f"ingest round {round_number + 1}: one poller into the broker")
                 ours.append(ours_rate(server, settings, vhost.url, database))
+            with private_vhost("ingest-broker") as vhost:
+                progress(f"ingest round {round_number + 1}: the broker alone")
+                broker_only.append(broker_rate(settings, vhost.url))
             for name, measure in (("mbsync", mbsync_rate), ("fetchmail", fetchmail_rate)):
                 progress(f"ingest round {round_number + 1}: {name}")
                 rate = measure(server, settings)
@@ -189,7 +235,11 @@ def run(settings: IngestSettings) -> tuple[list[Figure], dict[str, Any]]:
     figures = [Figure("ingest msg/s (one poller -> broker)", value, "msg/s", median(bare),
                       target=f">= {TARGET:,.0f} and >= 0.9 of imapclient",
                       meets_target=value >= TARGET and value >= 0.9 * median(bare),
-                      reference="imapclient", detail={"rounds": ours, "ceiling_rounds": bare})]
+                      reference="imapclient", detail={"rounds": ours, "ceiling_rounds": bare}),
+               Figure("ingest vs imapclient, trace off", value, "msg/s", median(quiet),
+                      reference="imapclient-quiet", detail={"ceiling_rounds": quiet}),
+               Figure("ingest vs the broker alone", value, "msg/s", median(broker_only),
+                      reference="broker", detail={"ceiling_rounds": broker_only})]
     for name, rates in peers.items():
         if rates:
             figures.append(Figure(f"ingest vs {name}", value, "msg/s", median(rates),

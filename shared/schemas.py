@@ -212,6 +212,9 @@ class Codec:
 
 # Byte strings at least this big skip marshmallow and json (see _set_aside_blobs).
 _SPLICE_MIN_BYTES = 64 * 1024
+# A raw message is spliced from this size: json.dumps of its base64 text costs more than the
+# splice from about 2 KB (a 20 KB message: 190 -> 58 us to encode); decoding is unchanged.
+_SPLICE_RAW_MIN_BYTES = 1024
 # Input bytes base64-encoded at a time while splicing (a multiple of 3: no padding inside).
 _SPLICE_CHUNK = 3 * 256 * 1024
 
@@ -238,7 +241,7 @@ def _set_aside_blobs(edge: Edge, document: dict[str, Any]) -> list[_Blob]:
 
     if edge == "raw":
         raw = document.get("raw")
-        if _is_big(raw):
+        if isinstance(raw, bytes) and len(raw) >= _SPLICE_RAW_MIN_BYTES:
             document["raw"] = aside(raw)
         return blobs
     email = document.get("email")

@@ -7,6 +7,7 @@ also runs on RabbitMQ in a private vhost).
 
 from __future__ import annotations
 
+import logging
 import mailbox
 import os
 import threading
@@ -21,7 +22,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from ingest.errors import MailboxAuthError, MailboxUnavailable
-from ingest.imap_source import ImapSource
+from ingest.imap_source import ImapSource, quiet_imaplib
 from ingest.worker import IngestWorker
 from persist.database import create_engine_for, upgrade
 from persist.mailbox_state import MailboxStateStore
@@ -40,6 +41,7 @@ from shared.stage import Output
 from shared.transport import Broker, Publisher
 from tests.broker_fixtures import Vhost, drain_queue
 from tests.dovecot import DovecotServer, dovecot_fixture
+from tests.tcp_proxy import StallableProxy
 
 dovecot = dovecot_fixture(scope="module")
 
@@ -373,6 +375,50 @@ def test_after_processing_happens_only_after_the_confirm(
         assert len(h.dovecot.uids(user, "Processed")) == 4
 
 
+@pytest.mark.parametrize("action", ["seen", "move", "delete"])
+def test_with_several_batches_each_is_acted_on_only_after_its_own_confirm(
+        harness: Harness, user: str, action: AfterAction) -> None:
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
+    move_to = "Processed" if action == "move" else None
+    box = h.mailbox(user, batch_size=2, after=action, move_to=move_to)
+    at_publish: list[tuple[list[int], list[int], Any]] = []
+
+    def look(outputs: Sequence[Output]) -> None:
+        flags = h.dovecot.flags(user)
+        acted = sorted(u for u in uids if u not in flags or SEEN in flags[u])
+        cursor = h.store.cursor(box.name, "INBOX")
+        at_publish.append(([int(o.document["source"]["uid"]) for o in outputs], acted,
+                           cursor.last_uid if cursor else None))
+
+    worker = h.worker(box, publisher=WatchingPublisher(h.publisher, before=look))
+    assert worker.poll_once(box) == 5
+    # Each batch published with exactly the earlier batches acted on and the cursor on them.
+    assert at_publish == [(uids[0:2], [], None), (uids[2:4], uids[0:2], uids[1]),
+                          (uids[4:], uids[0:4], uids[3])]
+    assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids
+    flags = h.dovecot.flags(user)
+    assert (all(SEEN in f for f in flags.values()) if action == "seen" else flags == {})
+
+
+def test_a_connection_lost_while_fetching_a_batch_keeps_the_confirmed_ones(
+        harness: Harness, user: str) -> None:
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
+    box = h.mailbox(user, batch_size=2, after="keep")
+    with StallableProxy(h.dovecot.host, h.dovecot.imap_port) as proxy:
+        # The second batch's FETCH loses the connection.
+        proxy.drop_on(f"FETCH {uids[2]},{uids[3]} ".encode())
+        profile = replace(h.dovecot.server_profile("dovecot"), port=proxy.port)
+        with pytest.raises(MailboxUnavailable, match=r"fetch on .* failed"):
+            h.worker(box, profile=profile).poll_once(box)
+    assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids[0:2]
+    assert h.store.cursor(box.name, "INBOX").last_uid == uids[1]  # type: ignore[union-attr]
+
+    assert h.worker(box).poll_once(box) == 3
+    assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids[2:]
+
+
 def test_move_creates_a_missing_target_folder(harness: Harness, user: str) -> None:
     h = harness
     h.dovecot.deliver(user, message(1))
@@ -547,3 +593,23 @@ def test_maildir_that_does_not_exist_is_unavailable(harness: Harness, tmp_path: 
     box = MailboxSettings(name="demo", kind="maildir", path=str(tmp_path / "nope"))
     with pytest.raises(MailboxUnavailable):
         harness.worker(box).poll_once(box)
+
+
+# ---- imaplib's debug trace -----------------------------------------------------------------
+
+
+def test_imaplib_debug_trace_is_off_unless_its_logger_wants_it(
+        dovecot: DovecotServer, user: str) -> None:
+    with dovecot.client(user, "INBOX") as imap:
+        assert imap._imap.debug == 5  # imapclient's own setting, on every connection
+        logger = logging.getLogger("imapclient.imaplib")
+        old = logger.level
+        try:
+            logger.setLevel(logging.DEBUG)
+            quiet_imaplib(imap)
+            assert imap._imap.debug == 5
+            logger.setLevel(logging.INFO)
+            quiet_imaplib(imap)
+            assert imap._imap.debug == 0
+        finally:
+            logger.setLevel(old)

@@ -104,7 +104,8 @@ def _plain_encode(codec: Codec, edge: str, document: dict[str, object]) -> bytes
     return json.dumps(dumped, separators=(",", ":")).encode("utf-8")
 
 
-@pytest.mark.parametrize("size", [0, 10, BIG - 1, BIG, 3 * 256 * 1024 + 1, 2_000_003])
+@pytest.mark.parametrize("size", [0, 10, 1023, 1024, 20_000, BIG - 1, BIG, 3 * 256 * 1024 + 1,
+                                  2_000_003])
 def test_big_raw_messages_encode_to_the_same_bytes_and_round_trip(size: int) -> None:
     codec = Codec()
     document = documents.raw(bytes(range(256)) * (size // 256) + b"\xff" * (size % 256))
