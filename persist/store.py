@@ -45,6 +45,9 @@ MAX_BIGINT = 2**63 - 1
 # A batch that loses the race for a new email to another writer is redone from its look-up;
 # the other writer has committed by then, so the second attempt finds the email.
 RACE_ATTEMPTS = 3
+# The tables a batch's rows go to, in this order (parents first).
+_WRITTEN = ("emails", "parties", "attachments", "deliveries", "queue_items")
+_NEW_DELIVERY = ("email_id", "principal_kind", "principal")
 
 DeliveryKey = tuple[int, str, str]  # (email_id, principal_kind, principal)
 
@@ -101,7 +104,7 @@ class EmailStore:
         self._blobs: BlobStore = blobs or DatabaseBlobStore()
         self._directory = DirectoryStore(engine, self._clock)
         self._create_unknown_contacts = create_unknown_contacts
-        self._json_inserts: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
+        self._json_inserts: dict[Any, str] = {}  # statements by the shape of their rows
 
     @property
     def tables(self) -> Tables:
@@ -126,16 +129,22 @@ class EmailStore:
 
     def _save(self, connection: Connection, prepared: list[_Prepared],
               now: datetime) -> list[SaveResult]:
-        """The batch in a constant number of statements: look up the stored emails, take ids
-        for the new ones, thread them, then one multi-row insert per table."""
+        """The batch in a constant number of statements: look up the stored emails and take
+        ids for the new ones, thread them, resolve their parties, then write the rows."""
         first_items = self._assign_emails(connection, prepared)
         new_keys = set(first_items)
         new_items = list(first_items.values())  # in the order of the documents
         links = self._thread(connection, new_items)
-        self._insert_new_emails(connection, new_items)
-        party_rows = self._insert_email_details(connection, new_items)
-        new_deliveries = self._insert_deliveries(connection, prepared, now)
-        self._make_records(connection, prepared, new_keys, party_rows, links, now)
+        parties, attachments = self._email_details(connection, new_items)
+        deliveries, queue_items = self._delivery_rows(prepared, now)
+        # A stable order keeps concurrent batches from deadlocking on each other's keys.
+        emails = [{**item.email, "id": item.email_id}
+                  for item in sorted(new_items, key=lambda i: i.dedup_key)]
+        new_deliveries = self._write(connection, {
+            "emails": emails, "parties": parties, "attachments": attachments,
+            "deliveries": deliveries, "queue_items": queue_items},
+            {item.email_id for item in new_items})
+        self._make_records(connection, prepared, new_keys, parties, links, now)
         return _results(prepared, new_keys, new_deliveries)
 
     def _store_contents(self, prepared: list[_Prepared]) -> None:
@@ -236,21 +245,80 @@ class EmailStore:
         highest = connection.execute(select(func.max(emails.c.id))).scalar() or 0
         return stored, list(range(highest + 1, highest + 1 + new_ids))
 
-    def _insert_new_emails(self, connection: Connection, new_items: list[_Prepared]) -> None:
-        expected = {item.email_id for item in new_items}
-        # A stable order keeps concurrent batches from deadlocking on each other's keys.
-        inserted = self._insert_rows(
-            connection, self._tables.emails,
-            [{**item.email, "id": item.email_id}
-             for item in sorted(new_items, key=lambda i: i.dedup_key)], returning=("id",))
-        if {int(row.id) for row in inserted} != expected:
+    def _write(self, connection: Connection, rows: dict[str, list[dict[str, Any]]],
+               new_ids: set[int]) -> set[DeliveryKey]:
+        """Insert the batch's rows (by table name, in the order of ``_WRITTEN``); gives the
+        deliveries that were new.  Raises ``_LostRace`` when an email this batch meant to
+        create was stored by another transaction since the look-up."""
+        tables = {table.name: table for table in self._tables.metadata.sorted_tables}
+        if connection.dialect.name == "postgresql":
+            inserted = self._write_in_one_statement(connection, rows, new_ids)
+            emails = {int(row[1]) for row in inserted if row[0] == "email"}
+            deliveries = [row[1:] for row in inserted if row[0] == "delivery"]
+        else:
+            emails = {int(row.id) for row in self._insert_rows(
+                connection, tables["emails"], rows["emails"], returning=("id",))}
+            if emails != new_ids:
+                raise _LostRace()
+            for name in ("parties", "attachments"):
+                self._insert_rows(connection, tables[name], rows[name])
+            deliveries = self._insert_rows(connection, tables["deliveries"], rows["deliveries"],
+                                           returning=_NEW_DELIVERY)
+            self._insert_rows(connection, tables["queue_items"], rows["queue_items"])
+        if emails != new_ids:
             # another transaction stored one of these keys after the look-up: start again
             raise _LostRace()
+        return {(int(e), str(k), str(p)) for e, k, p in deliveries}
 
-    def _insert_email_details(self, connection: Connection, new_items: list[_Prepared]
-                              ) -> list[dict[str, Any]]:
-        """Parties, attachments and attachment content of emails this batch created; gives
-        the party rows as stored."""
+    def _write_in_one_statement(self, connection: Connection,
+                                rows: dict[str, list[dict[str, Any]]],
+                                new_ids: set[int]) -> list[Any]:
+        """PostgreSQL: every table's rows in one statement of data-modifying CTEs (each
+        statement cost a round trip, which on a busy machine cost more than the work).  The
+        rows of new emails are kept only if their email was inserted, so a lost race is
+        seen as missing email ids rather than as a foreign key violation."""
+        present = tuple((name, tuple(rows[name][0])) for name in _WRITTEN if rows[name])
+        sql = self._json_inserts.get(present)
+        if sql is None:
+            sql = self._statement_for(connection, present)
+            self._json_inserts[present] = sql
+        parameters: dict[str, Any] = {
+            name: json.dumps(rows[name], default=_json_value, separators=(",", ":"))
+            for name, _ in present}
+        parameters["new_ids"] = sorted(new_ids)
+        return list(connection.exec_driver_sql(sql, parameters).all())
+
+    def _statement_for(self, connection: Connection,
+                       present: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+        quote = connection.dialect.identifier_preparer.quote
+        names = {name for name, _ in present}
+        inserted_email = "r.email_id IN (SELECT id FROM new_emails)" if "emails" in names \
+            else "false"
+        ctes = []
+        for name, columns in present:
+            listed = ", ".join(quote(column) for column in columns)
+            where = ""
+            if name in ("parties", "attachments"):  # always of new emails
+                where = f" WHERE {inserted_email}"
+            elif name in ("deliveries", "queue_items"):  # of new or stored emails
+                where = f" WHERE r.email_id <> ALL(%(new_ids)s::bigint[]) OR {inserted_email}"
+            returning = {"emails": " RETURNING id",
+                         "deliveries": " RETURNING " + ", ".join(_NEW_DELIVERY)}.get(name, "")
+            ctes.append(f"new_{name} AS (INSERT INTO {quote(name)} ({listed}) SELECT {listed} "
+                        f"FROM json_populate_recordset(NULL::{quote(name)}, %({name})s::json) r"
+                        f"{where} ON CONFLICT DO NOTHING{returning})")
+        results = []
+        if "emails" in names:
+            results.append("SELECT 'email', id, NULL, NULL FROM new_emails")
+        if "deliveries" in names:
+            results.append("SELECT 'delivery', " + ", ".join(_NEW_DELIVERY)
+                           + " FROM new_deliveries")
+        return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(results)
+
+    def _email_details(self, connection: Connection, new_items: list[_Prepared]
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Parties (resolved to contacts and accounts) and attachments of emails this batch
+        creates; their attachment content is stored here."""
         parties: list[dict[str, Any]] = []
         attachments: list[dict[str, Any]] = []
         contents: dict[str, dict[str, Any]] = {}
@@ -274,14 +342,11 @@ class EmailStore:
                 row["contact_id"] = ref.id if ref and ref.kind == "contact" else None
                 row["account_id"] = (ref.id if ref and ref.kind == "account"
                                      else ref.account_id if ref else None)
-            self._insert_rows(connection, tables.parties, parties)
-        self._insert_rows(connection, tables.attachments, attachments)
-        return parties
+        return parties, attachments
 
-    def _insert_deliveries(
-        self, connection: Connection, prepared: list[_Prepared], now: datetime
-    ) -> set[DeliveryKey]:
-        deliveries = self._tables.deliveries
+    def _delivery_rows(self, prepared: list[_Prepared], now: datetime
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """One row per (email, principal), and a queue item per tracked queue delivery."""
         rows: dict[DeliveryKey, dict[str, Any]] = {}
         # the records route decided for the document that carried each delivery: one email
         # can arrive in a batch through several mailboxes, each with its own decision
@@ -292,8 +357,6 @@ class EmailStore:
                 if key not in rows:
                     rows[key] = {**row, "email_id": item.email_id}
                     records[key] = item.records
-        inserted = self._insert_rows(connection, deliveries, [rows[key] for key in sorted(rows)],
-                                     returning=("email_id", "principal_kind", "principal"))
         queue_rows = []
         for key in sorted(rows):
             email_id, kind, principal = key
@@ -306,8 +369,7 @@ class EmailStore:
                                "created_at": now, "rule": row["rule"],
                                "priority": record.get("priority") if own else None,
                                "owner": record.get("owner") if own else None})
-        self._insert_rows(connection, self._tables.queue_items, queue_rows)
-        return {(int(e), str(k), str(p)) for e, k, p in inserted}
+        return [rows[key] for key in sorted(rows)], queue_rows
 
     def _thread(self, connection: Connection, new_items: list[_Prepared]
                 ) -> list[dict[str, Any]]:
