@@ -11,7 +11,11 @@ contacts and accounts (an unknown sender optionally becoming a contact) and ``li
 for each.  Attachment content goes to a :mod:`persist.blobs` store once per SHA-256.  A
 Message-ID reused by a different message (another fingerprint) gets a key of its own.
 Every insert is ``ON CONFLICT DO NOTHING`` on a natural key, so a redelivered document
-changes nothing; the :class:`SaveResult` of each document says what was new.
+changes nothing; the :class:`SaveResult` of each document says what was new.  A batch costs
+a fixed number of statements whatever its size: the stored emails looked up (and ids taken
+for the new ones) in one, the parties resolved in one, the rows written with one multi-row
+insert per table (on PostgreSQL one statement for all of them); a batch that finds one of its
+new emails stored meanwhile by another writer starts again from the look-up.
 Fails with ``PermanentError("unstorable", ...)`` on a document it cannot store (missing or
 ill-typed fields, a value the database refuses; the whole batch is rolled back, so the caller
 can retry the documents one by one) and ``TransientError`` when the database is unreachable.
