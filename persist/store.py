@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,9 +35,10 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from persist.blobs import BlobStore, DatabaseBlobStore, sanitise_filename
-from persist.database import translate_errors
+from persist.database import is_connection_error, translate_errors
 from persist.directory_store import DirectoryStore, PartyRef, resolve_parties
 from persist.history import known_by_message_ids
 from persist.tables import CORRELATION_METHODS, Tables, build_tables
@@ -109,6 +112,8 @@ class EmailStore:
         self._directory = DirectoryStore(engine, self._clock)
         self._create_unknown_contacts = create_unknown_contacts
         self._json_inserts: dict[Any, str] = {}  # statements by the shape of their rows
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
 
     @property
     def tables(self) -> Tables:
@@ -124,12 +129,43 @@ class EmailStore:
             prepared = [_prepare(document, now) for document in routed_documents]
             self._store_contents(prepared)
             try:
-                with translate_errors(), self._engine.begin() as connection:
+                with translate_errors(), self._transaction() as connection:
                     return self._save(connection, prepared, now)
             except _LostRace:
                 continue
         raise TransientError(f"another writer kept storing this batch's emails first "
                              f"({RACE_ATTEMPTS} attempts)")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """On PostgreSQL a transaction on one kept connection: a pooled checkout pays a
+        pre-ping round trip besides (persist's batches are small when the mail trickles in).
+        A connection that failed is dropped and made anew on the next batch; the failure
+        itself reaches the caller (as TransientError)."""
+        if self._engine.dialect.name != "postgresql":
+            with self._engine.begin() as connection:
+                yield connection
+            return
+        with self._lock:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+            connection = self._connection
+            try:
+                with connection.begin():
+                    yield connection
+            except DBAPIError as error:
+                if connection.invalidated or is_connection_error(error):
+                    self._connection = None
+                    connection.invalidate()
+                    connection.close()
+                raise
+
+    def close(self) -> None:
+        """Give back the kept connection (a later save makes a new one)."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
     def _save(self, connection: Connection, prepared: list[_Prepared],
               now: datetime) -> list[SaveResult]:
