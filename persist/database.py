@@ -46,12 +46,24 @@ def create_engine_for(url: str | URL) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed)
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(
+        engine = create_engine(
             parsed,
             pool_pre_ping=True,
             connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
         )
+        event.listen(engine, "connect", _prefer_lz4)
+        return engine
     return create_engine(parsed, pool_pre_ping=True)
+
+
+def _prefer_lz4(dbapi_connection: Any, connection_record: Any) -> None:
+    """Compress large values (email bodies) with lz4 rather than pglz where the server has
+    it: pglz cost PostgreSQL about a quarter of its time storing a batch of 4 KB mails."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('default_toast_compression', 'lz4', false) "
+                       "FROM pg_settings WHERE name = 'default_toast_compression' "
+                       "AND 'lz4' = ANY(enumvals)")
+    dbapi_connection.commit()
 
 
 def _sqlite_engine(url: URL) -> Engine:

@@ -17,7 +17,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Text,
+    any_,
+    bindparam,
+    delete,
+    literal_column,
+    null,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from persist.database import translate_errors
@@ -54,30 +66,42 @@ def resolve_parties(connection: Connection, tables: Tables,
     if not wanted:
         return {}
     keys = {k for ks in wanted.values() for k in ks}
-    contacts = {row.address: PartyRef("contact", row.id, row.name, row.account_id)
-                for row in connection.execute(
-                    select(tables.contact_addresses.c.address, tables.contacts.c.id,
-                           tables.contacts.c.name, tables.contacts.c.account_id)
-                    .join(tables.contacts,
-                          tables.contacts.c.id == tables.contact_addresses.c.contact_id)
-                    .where(tables.contact_addresses.c.address.in_(sorted(keys))))}
     values = keys | {domain_of(a) for a in wanted}
+    contact_addresses, contacts = tables.contact_addresses, tables.contacts
+    account_addresses, accounts_table = tables.account_addresses, tables.accounts
+    # one statement for both (persist resolves a whole batch's parties at once)
+    rows = connection.execute(union_all(
+        select(literal_column("'contact'", String).label("kind"),
+               contact_addresses.c.address.label("value"), contacts.c.id, contacts.c.name,
+               contacts.c.account_id)
+        .join(contacts, contacts.c.id == contact_addresses.c.contact_id)
+        .where(_one_of(connection, contact_addresses.c.address, keys)),
+        select(account_addresses.c.kind, account_addresses.c.value, accounts_table.c.id,
+               accounts_table.c.name, null().label("account_id"))
+        .join(accounts_table, accounts_table.c.id == account_addresses.c.account_id)
+        .where(_one_of(connection, account_addresses.c.value, values)))).all()
+    contacts_found = {row.value: PartyRef("contact", row.id, row.name, row.account_id)
+                      for row in rows if row.kind == "contact"}
     accounts = {(row.kind, row.value): PartyRef("account", row.id, row.name)
-                for row in connection.execute(
-                    select(tables.account_addresses.c.value, tables.account_addresses.c.kind,
-                           tables.accounts.c.id, tables.accounts.c.name)
-                    .join(tables.accounts,
-                          tables.accounts.c.id == tables.account_addresses.c.account_id)
-                    .where(tables.account_addresses.c.value.in_(sorted(values))))}
+                for row in rows if row.kind != "contact"}
     found: dict[str, PartyRef] = {}
     for address, address_key_list in wanted.items():
-        match = next((contacts[k] for k in address_key_list if k in contacts), None)
+        match = next((contacts_found[k] for k in address_key_list if k in contacts_found),
+                     None)
         match = match or next((accounts[("address", k)] for k in address_key_list
                                if ("address", k) in accounts), None)
         match = match or accounts.get(("domain", domain_of(address)))
         if match is not None:
             found[address] = match
     return found
+
+
+def _one_of(connection: Connection, column: Any, values: set[str]) -> ColumnElement[bool]:
+    # On PostgreSQL one array parameter, so the statement's text is the same every time: an
+    # IN list of a parameter per value was rendered and parsed anew for each batch.
+    if connection.dialect.name == "postgresql":
+        return column == any_(bindparam(None, sorted(values), type_=postgresql.ARRAY(Text)))
+    return column.in_(sorted(values))
 
 
 class DirectoryStore:

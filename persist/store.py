@@ -11,7 +11,11 @@ contacts and accounts (an unknown sender optionally becoming a contact) and ``li
 for each.  Attachment content goes to a :mod:`persist.blobs` store once per SHA-256.  A
 Message-ID reused by a different message (another fingerprint) gets a key of its own.
 Every insert is ``ON CONFLICT DO NOTHING`` on a natural key, so a redelivered document
-changes nothing; the :class:`SaveResult` of each document says what was new.
+changes nothing; the :class:`SaveResult` of each document says what was new.  A batch costs
+a fixed number of statements whatever its size: the stored emails looked up (and ids taken
+for the new ones) in one, the parties resolved in one, the rows written with one multi-row
+insert per table (on PostgreSQL one statement for all of them); a batch that finds one of its
+new emails stored meanwhile by another writer starts again from the look-up.
 Fails with ``PermanentError("unstorable", ...)`` on a document it cannot store (missing or
 ill-typed fields, a value the database refuses; the whole batch is rolled back, so the caller
 can retry the documents one by one) and ``TransientError`` when the database is unreachable.
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,18 +35,26 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from persist.blobs import BlobStore, DatabaseBlobStore, sanitise_filename
-from persist.database import translate_errors
+from persist.database import is_connection_error, translate_errors
 from persist.directory_store import DirectoryStore, PartyRef, resolve_parties
 from persist.history import known_by_message_ids
 from persist.tables import CORRELATION_METHODS, Tables, build_tables
 from route.directory import strict_address
+from route.history import KnownEmail
 from route.tracking import NOT_A_REPLY
-from shared.errors import PermanentError
+from shared.errors import PermanentError, TransientError
 
 PARTY_FIELDS = (("from", "from_"), ("to", "to"), ("cc", "cc"), ("reply_to", "reply_to"))
 MAX_BIGINT = 2**63 - 1
+# A batch that loses the race for a new email to another writer is redone from its look-up;
+# the other writer has committed by then, so the second attempt finds the email.
+RACE_ATTEMPTS = 3
+# The tables a batch's rows go to, in this order (parents first).
+_WRITTEN = ("emails", "parties", "attachments", "deliveries", "queue_items")
+_NEW_DELIVERY = ("email_id", "principal_kind", "principal")
 
 DeliveryKey = tuple[int, str, str]  # (email_id, principal_kind, principal)
 
@@ -81,6 +95,10 @@ class _Prepared:
     email_id: int = field(default=0)
 
 
+class _LostRace(Exception):
+    """Another transaction stored an email this batch was about to create."""
+
+
 class EmailStore:
     """Idempotent batch writes of routed documents, and the reads the CLI and tests need."""
 
@@ -93,6 +111,9 @@ class EmailStore:
         self._blobs: BlobStore = blobs or DatabaseBlobStore()
         self._directory = DirectoryStore(engine, self._clock)
         self._create_unknown_contacts = create_unknown_contacts
+        self._json_inserts: dict[Any, str] = {}  # statements by the shape of their rows
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
 
     @property
     def tables(self) -> Tables:
@@ -102,16 +123,68 @@ class EmailStore:
         """Store every document in one transaction; results in the order given."""
         if not routed_documents:
             return []
-        now = self._clock()
-        prepared = [_prepare(document, now) for document in routed_documents]
-        self._store_contents(prepared)
-        with translate_errors(), self._engine.begin() as connection:
-            new_keys = self._insert_emails(connection, prepared)
-            new_items = [p for p in prepared if p.dedup_key in new_keys]
-            self._insert_email_details(connection, new_items)
-            self._thread(connection, new_items)
-            new_deliveries = self._insert_deliveries(connection, prepared, now)
-            self._make_records(connection, prepared, new_keys, now)
+        for _ in range(RACE_ATTEMPTS):
+            now = self._clock()
+            # prepared afresh for each attempt: saving fills in and rekeys the items
+            prepared = [_prepare(document, now) for document in routed_documents]
+            self._store_contents(prepared)
+            try:
+                with translate_errors(), self._transaction() as connection:
+                    return self._save(connection, prepared, now)
+            except _LostRace:
+                continue
+        raise TransientError(f"another writer kept storing this batch's emails first "
+                             f"({RACE_ATTEMPTS} attempts)")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """On PostgreSQL a transaction on one kept connection: a pooled checkout pays a
+        pre-ping round trip besides (persist's batches are small when the mail trickles in).
+        A connection that failed is dropped and made anew on the next batch; the failure
+        itself reaches the caller (as TransientError)."""
+        if self._engine.dialect.name != "postgresql":
+            with self._engine.begin() as connection:
+                yield connection
+            return
+        with self._lock:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+            connection = self._connection
+            try:
+                with connection.begin():
+                    yield connection
+            except DBAPIError as error:
+                if connection.invalidated or is_connection_error(error):
+                    self._connection = None
+                    connection.invalidate()
+                    connection.close()
+                raise
+
+    def close(self) -> None:
+        """Give back the kept connection (a later save makes a new one)."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def _save(self, connection: Connection, prepared: list[_Prepared],
+              now: datetime) -> list[SaveResult]:
+        """The batch in a constant number of statements: look up the stored emails and take
+        ids for the new ones, thread them, resolve their parties, then write the rows."""
+        first_items = self._assign_emails(connection, prepared)
+        new_keys = set(first_items)
+        new_items = list(first_items.values())  # in the order of the documents
+        links = self._thread(connection, new_items)
+        parties, attachments = self._email_details(connection, new_items)
+        deliveries, queue_items = self._delivery_rows(prepared, now)
+        # A stable order keeps concurrent batches from deadlocking on each other's keys.
+        emails = [{**item.email, "id": item.email_id}
+                  for item in sorted(new_items, key=lambda i: i.dedup_key)]
+        new_deliveries = self._write(connection, {
+            "emails": emails, "parties": parties, "attachments": attachments,
+            "deliveries": deliveries, "queue_items": queue_items},
+            {item.email_id for item in new_items})
+        self._make_records(connection, prepared, new_keys, parties, links, now)
         return _results(prepared, new_keys, new_deliveries)
 
     def _store_contents(self, prepared: list[_Prepared]) -> None:
@@ -132,101 +205,188 @@ class EmailStore:
             return sqlite.insert(table).on_conflict_do_nothing()
         raise RuntimeError(f"unsupported database dialect {connection.dialect.name!r}")
 
-    def _insert_emails(self, connection: Connection, prepared: list[_Prepared]) -> set[str]:
-        """Insert the emails not stored yet, set every email_id; give the keys that were new."""
-        emails = self._tables.emails
-        first_by_key: dict[str, dict[str, Any]] = {}
-        for item in prepared:
-            first_by_key.setdefault(item.dedup_key, item.email)
-        # A stable order keeps concurrent batches from deadlocking on each other's keys.
-        rows = [first_by_key[key] for key in sorted(first_by_key)]
-        inserted = connection.execute(
-            self._insert(connection, emails).returning(emails.c.id, emails.c.dedup_key), rows
-        ).all()
-        ids = {key: email_id for email_id, key in inserted}
-        missing = [key for key in first_by_key if key not in ids]
-        if missing:
-            found = connection.execute(
-                select(emails.c.id, emails.c.dedup_key).where(emails.c.dedup_key.in_(missing))
-            ).all()
-            ids.update({key: email_id for email_id, key in found})
-        new_keys = {key for _, key in inserted}
-        new_keys |= self._rekey_reused_message_ids(connection, prepared, new_keys, ids)
-        for item in prepared:
-            item.email_id = ids[item.dedup_key]
-        return new_keys
+    def _insert_rows(self, connection: Connection, table: Table, rows: list[dict[str, Any]],
+                     returning: tuple[str, ...] = ()) -> list[Any]:
+        """``INSERT ... ON CONFLICT DO NOTHING`` of every row in one statement; gives the
+        ``returning`` columns of the rows inserted.  On PostgreSQL the rows travel as one JSON
+        parameter expanded by ``json_populate_recordset``: binding each value through
+        SQLAlchemy and psycopg cost more CPU than PostgreSQL spent storing the rows."""
+        if not rows:
+            return []
+        if connection.dialect.name != "postgresql" or table.name == "attachment_contents":
+            # (attachment content is bytes, which JSON would carry as hex: twice the size)
+            statement = self._insert(connection, table)
+            if returning:
+                statement = statement.returning(*(table.c[name] for name in returning))
+                return list(connection.execute(statement, rows).all())
+            connection.execute(statement, rows)
+            return []
+        sql = self._json_inserts.get((table.name, tuple(rows[0]), returning))
+        if sql is None:
+            quote = connection.dialect.identifier_preparer.quote
+            columns = ", ".join(quote(name) for name in rows[0])
+            sql = (f"INSERT INTO {quote(table.name)} ({columns}) SELECT {columns} "
+                   f"FROM json_populate_recordset(NULL::{quote(table.name)}, %(rows)s::json) "
+                   "ON CONFLICT DO NOTHING")
+            if returning:
+                sql += " RETURNING " + ", ".join(quote(name) for name in returning)
+            self._json_inserts[(table.name, tuple(rows[0]), returning)] = sql
+        result = connection.exec_driver_sql(
+            sql, {"rows": json.dumps(rows, default=_json_value, separators=(",", ":"))})
+        return list(result.all()) if returning else []
 
-    def _rekey_reused_message_ids(self, connection: Connection, prepared: list[_Prepared],
-                                  new_keys: set[str], ids: dict[str, int]) -> set[str]:
-        """A stored email with this Message-ID but another fingerprint is another message:
-        give the newcomer the key ``mid:<id>#fp:<fingerprint>`` and insert it too."""
-        emails = self._tables.emails
-        existing = [item for item in prepared
-                    if item.dedup_key not in new_keys and item.dedup_key.startswith("mid:")]
-        if not existing:
-            return set()
-        stored = dict(connection.execute(
-            select(emails.c.dedup_key, emails.c.fingerprint)
-            .where(emails.c.dedup_key.in_({i.dedup_key for i in existing}))).all())
-        rekeyed: dict[str, dict[str, Any]] = {}
-        for item in existing:
-            fingerprint = item.email["fingerprint"]
-            if stored.get(item.dedup_key) in (None, fingerprint):
-                continue
-            item.dedup_key = f"{item.dedup_key}#fp:{fingerprint}"
-            notes = [*(item.email.get("notes") or []), "message-id-reused"]
-            rekeyed.setdefault(item.dedup_key, {**item.email, "dedup_key": item.dedup_key,
-                                                "notes": notes})
-        if not rekeyed:
-            return set()
-        inserted = connection.execute(
-            self._insert(connection, emails).returning(emails.c.id, emails.c.dedup_key),
-            [rekeyed[key] for key in sorted(rekeyed)]).all()
-        ids.update({key: email_id for email_id, key in inserted})
-        missing = [key for key in rekeyed if key not in ids]
-        if missing:
-            ids.update({key: email_id for email_id, key in connection.execute(
-                select(emails.c.id, emails.c.dedup_key).where(emails.c.dedup_key.in_(missing)))})
-        return {key for _, key in inserted}
+    def _assign_emails(self, connection: Connection,
+                       prepared: list[_Prepared]) -> dict[str, _Prepared]:
+        """Give every item its email id: the stored email's, or a new id taken from the
+        emails' sequence.  A stored email with the same Message-ID but another fingerprint is
+        another message: the newcomer gets the key ``mid:<id>#fp:<fingerprint>``.  Gives the
+        first item of each email this batch creates, by key."""
+        wanted = {item.dedup_key for item in prepared}
+        wanted |= {_reused_key(item) for item in prepared if item.dedup_key.startswith("mid:")}
+        # each document makes at most one new email: under its key or its reused-key
+        at_most = len({(item.dedup_key, item.email["fingerprint"]) for item in prepared})
+        stored, spare_ids = self._look_up_emails(connection, sorted(wanted), at_most)
+        first_items: dict[str, _Prepared] = {}
+        for item in prepared:
+            found = stored.get(item.dedup_key)
+            if (found is not None and item.dedup_key.startswith("mid:")
+                    and found[1] != item.email["fingerprint"]):
+                item.dedup_key = _reused_key(item)
+                item.email = {**item.email, "dedup_key": item.dedup_key,
+                              "notes": [*(item.email.get("notes") or []), "message-id-reused"]}
+                found = stored.get(item.dedup_key)
+            if found is not None:
+                item.email_id = found[0]
+            else:
+                first_items.setdefault(item.dedup_key, item)
+        ids = dict(zip(sorted(first_items), spare_ids[:len(first_items)], strict=True))
+        for item in prepared:
+            if item.dedup_key in ids:
+                item.email_id = ids[item.dedup_key]
+        return first_items
 
-    def _insert_email_details(self, connection: Connection, new_items: list[_Prepared]) -> None:
-        """Parties, attachments and attachment content of emails this batch created."""
-        seen: set[str] = set()
+    def _look_up_emails(self, connection: Connection, keys: list[str], new_ids: int
+                        ) -> tuple[dict[str, tuple[int, str]], list[int]]:
+        """The stored emails among ``keys`` (id and fingerprint by key), and ``new_ids`` ids
+        for new emails (unused ones are gaps, as a conflicting insert leaves anyway)."""
+        if connection.dialect.name == "postgresql":
+            # one round trip for both
+            rows = connection.exec_driver_sql(
+                "SELECT id, dedup_key, fingerprint FROM emails WHERE dedup_key = ANY(%(keys)s) "
+                "UNION ALL SELECT nextval(pg_get_serial_sequence('emails', 'id')), NULL, NULL "
+                "FROM generate_series(1, %(count)s)", {"keys": keys, "count": new_ids}).all()
+            return ({key: (int(i), fingerprint) for i, key, fingerprint in rows
+                     if key is not None}, [int(i) for i, key, _ in rows if key is None])
+        emails = self._tables.emails
+        stored = {row.dedup_key: (int(row.id), row.fingerprint) for row in connection.execute(
+            select(emails.c.id, emails.c.dedup_key, emails.c.fingerprint)
+            .where(emails.c.dedup_key.in_(keys)))}
+        # SQLite: the transaction holds the write lock from its BEGIN IMMEDIATE
+        highest = connection.execute(select(func.max(emails.c.id))).scalar() or 0
+        return stored, list(range(highest + 1, highest + 1 + new_ids))
+
+    def _write(self, connection: Connection, rows: dict[str, list[dict[str, Any]]],
+               new_ids: set[int]) -> set[DeliveryKey]:
+        """Insert the batch's rows (by table name, in the order of ``_WRITTEN``); gives the
+        deliveries that were new.  Raises ``_LostRace`` when an email this batch meant to
+        create was stored by another transaction since the look-up."""
+        tables = {table.name: table for table in self._tables.metadata.sorted_tables}
+        if connection.dialect.name == "postgresql":
+            inserted = self._write_in_one_statement(connection, rows, new_ids)
+            emails = {int(row[1]) for row in inserted if row[0] == "email"}
+            deliveries = [row[1:] for row in inserted if row[0] == "delivery"]
+        else:
+            emails = {int(row.id) for row in self._insert_rows(
+                connection, tables["emails"], rows["emails"], returning=("id",))}
+            if emails != new_ids:
+                raise _LostRace()
+            for name in ("parties", "attachments"):
+                self._insert_rows(connection, tables[name], rows[name])
+            deliveries = self._insert_rows(connection, tables["deliveries"], rows["deliveries"],
+                                           returning=_NEW_DELIVERY)
+            self._insert_rows(connection, tables["queue_items"], rows["queue_items"])
+        if emails != new_ids:
+            # another transaction stored one of these keys after the look-up: start again
+            raise _LostRace()
+        return {(int(e), str(k), str(p)) for e, k, p in deliveries}
+
+    def _write_in_one_statement(self, connection: Connection,
+                                rows: dict[str, list[dict[str, Any]]],
+                                new_ids: set[int]) -> list[Any]:
+        """PostgreSQL: every table's rows in one statement of data-modifying CTEs (each
+        statement cost a round trip, which on a busy machine cost more than the work).  The
+        rows of new emails are kept only if their email was inserted, so a lost race is
+        seen as missing email ids rather than as a foreign key violation."""
+        present = tuple((name, tuple(rows[name][0])) for name in _WRITTEN if rows[name])
+        sql = self._json_inserts.get(present)
+        if sql is None:
+            sql = self._statement_for(connection, present)
+            self._json_inserts[present] = sql
+        parameters: dict[str, Any] = {
+            name: json.dumps(rows[name], default=_json_value, separators=(",", ":"))
+            for name, _ in present}
+        parameters["new_ids"] = sorted(new_ids)
+        return list(connection.exec_driver_sql(sql, parameters).all())
+
+    def _statement_for(self, connection: Connection,
+                       present: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+        quote = connection.dialect.identifier_preparer.quote
+        names = {name for name, _ in present}
+        inserted_email = "r.email_id IN (SELECT id FROM new_emails)" if "emails" in names \
+            else "false"
+        ctes = []
+        for name, columns in present:
+            listed = ", ".join(quote(column) for column in columns)
+            where = ""
+            if name in ("parties", "attachments"):  # always of new emails
+                where = f" WHERE {inserted_email}"
+            elif name in ("deliveries", "queue_items"):  # of new or stored emails
+                where = f" WHERE r.email_id <> ALL(%(new_ids)s::bigint[]) OR {inserted_email}"
+            returning = {"emails": " RETURNING id",
+                         "deliveries": " RETURNING " + ", ".join(_NEW_DELIVERY)}.get(name, "")
+            ctes.append(f"new_{name} AS (INSERT INTO {quote(name)} ({listed}) SELECT {listed} "
+                        f"FROM json_populate_recordset(NULL::{quote(name)}, %({name})s::json) r"
+                        f"{where} ON CONFLICT DO NOTHING{returning})")
+        results = []
+        if "emails" in names:
+            results.append("SELECT 'email', id, NULL, NULL FROM new_emails")
+        if "deliveries" in names:
+            results.append("SELECT 'delivery', " + ", ".join(_NEW_DELIVERY)
+                           + " FROM new_deliveries")
+        return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(results)
+
+    def _email_details(self, connection: Connection, new_items: list[_Prepared]
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Parties (resolved to contacts and accounts) and attachments of emails this batch
+        creates; their attachment content is stored here."""
         parties: list[dict[str, Any]] = []
         attachments: list[dict[str, Any]] = []
         contents: dict[str, dict[str, Any]] = {}
-        for item in new_items:
-            if item.dedup_key in seen:
-                continue  # the same email twice in one batch: its first document wins
-            seen.add(item.dedup_key)
+        for item in new_items:  # the first document of each new email
             parties.extend({**row, "email_id": item.email_id} for row in item.parties)
             attachments.extend({**row, "email_id": item.email_id} for row in item.attachments)
             contents.update((row["sha256"], row) for row in item.contents)
         tables = self._tables
-        if contents:
-            connection.execute(self._insert(connection, tables.attachment_contents),
-                               [contents[sha] for sha in sorted(contents)])
+        self._insert_rows(connection, tables.attachment_contents,
+                          [contents[sha] for sha in sorted(contents)])
         if parties:
-            refs = resolve_parties(connection, tables, {
-                a for row in parties if (a := strict_address(row["address"]))})
+            strict = {a: strict_address(a) for a in {row["address"] for row in parties}}
+            refs = resolve_parties(connection, tables, {a for a in strict.values() if a})
             internal = {address: kind for item in new_items
                         for address, kind in (item.records.get("principals") or {}).items()}
             for row in parties:
-                address = strict_address(row["address"]) or ""
+                address = strict[row["address"]] or ""
                 ref = refs.get(address)
                 row["resolution"] = (ref.kind if ref else internal.get(address)
                                      or "unresolved")
                 row["contact_id"] = ref.id if ref and ref.kind == "contact" else None
                 row["account_id"] = (ref.id if ref and ref.kind == "account"
                                      else ref.account_id if ref else None)
-            connection.execute(self._insert(connection, tables.parties), parties)
-        if attachments:
-            connection.execute(self._insert(connection, tables.attachments), attachments)
+        return parties, attachments
 
-    def _insert_deliveries(
-        self, connection: Connection, prepared: list[_Prepared], now: datetime
-    ) -> set[DeliveryKey]:
-        deliveries = self._tables.deliveries
+    def _delivery_rows(self, prepared: list[_Prepared], now: datetime
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """One row per (email, principal), and a queue item per tracked queue delivery."""
         rows: dict[DeliveryKey, dict[str, Any]] = {}
         # the records route decided for the document that carried each delivery: one email
         # can arrive in a batch through several mailboxes, each with its own decision
@@ -237,12 +397,6 @@ class EmailStore:
                 if key not in rows:
                     rows[key] = {**row, "email_id": item.email_id}
                     records[key] = item.records
-        inserted = connection.execute(
-            self._insert(connection, deliveries).returning(
-                deliveries.c.email_id, deliveries.c.principal_kind, deliveries.c.principal
-            ),
-            [rows[key] for key in sorted(rows)],
-        ).all()
         queue_rows = []
         for key in sorted(rows):
             email_id, kind, principal = key
@@ -255,54 +409,50 @@ class EmailStore:
                                "created_at": now, "rule": row["rule"],
                                "priority": record.get("priority") if own else None,
                                "owner": record.get("owner") if own else None})
-        if queue_rows:
-            connection.execute(self._insert(connection, self._tables.queue_items), queue_rows)
-        return {(int(e), str(k), str(p)) for e, k, p in inserted}
+        return [rows[key] for key in sorted(rows)], queue_rows
 
-    def _thread(self, connection: Connection, new_items: list[_Prepared]) -> None:
-        """Thread, parent and correlation of each new email.  A reply whose parent route
-        could not see (not committed yet) is looked up again here, where this transaction
-        also sees the batch's own emails."""
-        emails = self._tables.emails
+    def _thread(self, connection: Connection, new_items: list[_Prepared]
+                ) -> list[dict[str, Any]]:
+        """Thread, parent and correlation of each new email, set on its row before the insert;
+        gives the links to parents.  A reply whose parent route could not see (not committed
+        yet) is looked up again here, among the stored emails and the batch's own."""
+        late = [item for item in new_items if item.correlation.get("parent_email_id") is None
+                and item.correlation.get("candidates")]
+        known: dict[str, KnownEmail] = {}
+        if late:
+            candidates = sorted({str(m) for item in late for m in item.correlation["candidates"]})
+            known = {k.message_id or "": k
+                     for k in known_by_message_ids(connection, self._tables, candidates)}
+            for item in sorted(new_items, key=lambda i: i.email_id):  # the oldest id first
+                message_id = item.email.get("message_id")
+                if message_id is not None and message_id not in known:
+                    known[message_id] = KnownEmail(
+                        email_id=item.email_id, thread_id=item.email_id, message_id=message_id,
+                        tracked=bool(item.email["tracked"]))
         threads: dict[int, int] = {}  # email id -> thread id, for parents in this batch
-        updates: list[dict[str, Any]] = []
         links: list[dict[str, Any]] = []
         for item in new_items:
-            if item.email_id in threads:
-                continue
             correlation = item.correlation
             if correlation.get("parent_email_id") is None and correlation.get("candidates"):
-                self._resolve_late(connection, item, threads)
+                self._resolve_late(item, known, threads)
             parent_id = correlation.get("parent_email_id")
             thread_id = correlation.get("thread_id")
             threads[item.email_id] = item.email_id if thread_id is None else int(thread_id)
             method = correlation.get("method") or "none"
-            updates.append({
-                "b_id": item.email_id, "b_thread": threads[item.email_id],
-                "b_parent": parent_id,
-                "b_method": method if method in CORRELATION_METHODS else "none",
-                "b_correlation": correlation,
-                "b_tracked": any(d["tracked"] for d in item.deliveries)})
+            item.email.update(thread_id=threads[item.email_id], parent_email_id=parent_id,
+                              correlation_method=method if method in CORRELATION_METHODS
+                              else "none", correlation=correlation,
+                              tracked=any(d["tracked"] for d in item.deliveries))
             if parent_id is not None and parent_id != item.email_id:
                 links.append({"email_id": item.email_id, "target_kind": "email",
                               "target_id": parent_id, "method": method})
-        if updates:
-            connection.execute(
-                update(emails).where(emails.c.id == bindparam("b_id")).values(
-                    thread_id=bindparam("b_thread"), parent_email_id=bindparam("b_parent"),
-                    correlation_method=bindparam("b_method"),
-                    correlation=bindparam("b_correlation", type_=emails.c.correlation.type),
-                    tracked=bindparam("b_tracked")),
-                updates)
-        if links:
-            connection.execute(self._insert(connection, self._tables.links), links)
+        return links
 
-    def _resolve_late(self, connection: Connection, item: _Prepared,
+    def _resolve_late(self, item: _Prepared, known: dict[str, KnownEmail],
                       threads: dict[int, int]) -> None:
         correlation = item.correlation
-        candidates = [str(m) for m in correlation["candidates"]]
-        found = [k for k in known_by_message_ids(connection, self._tables, candidates)
-                 if k.email_id != item.email_id]
+        found = [k for m in correlation["candidates"]
+                 if (k := known.get(str(m))) is not None and k.email_id != item.email_id]
         if not found:
             return
         parent = found[0]
@@ -320,11 +470,14 @@ class EmailStore:
                 delivery.update(tracked=True, untracked_reason=None)
 
     def _make_records(self, connection: Connection, prepared: list[_Prepared],
-                      new_keys: set[str], now: datetime) -> None:
+                      new_keys: set[str], party_rows: list[dict[str, Any]],
+                      links: list[dict[str, Any]], now: datetime) -> None:
         """Cases and links of tracked emails; unknown senders as contacts when configured."""
-        tables = self._tables
-        linked: list[int] = []
-        case_links: list[dict[str, Any]] = []
+        emails = self._tables.emails
+        linked: set[int] = set()
+        became_tracked: list[dict[str, Any]] = []
+        got_rule: list[dict[str, Any]] = []
+        wanted_cases: list[_Prepared] = []
         written: set[int] = set()  # emails whose row this batch wrote from its first document
         for item in prepared:  # every document: another recipient may bring another rule
             first = item.dedup_key in new_keys and item.email_id not in written
@@ -332,73 +485,90 @@ class EmailStore:
             if not any(d["tracked"] for d in item.deliveries):
                 continue
             if not first:
-                connection.execute(update(tables.emails).where(
-                    tables.emails.c.id == item.email_id, tables.emails.c.tracked.is_(False)
-                ).values(tracked=True))
+                became_tracked.append({"b_id": item.email_id})
                 if item.records.get("rule"):
-                    connection.execute(update(tables.emails).where(
-                        tables.emails.c.id == item.email_id, tables.emails.c.rule.is_(None)
-                    ).values(rule=item.records["rule"]))
-            case_link = self._case_for(connection, item, now)
-            if case_link is not None:
-                case_links.append(case_link)
-            if item.dedup_key in new_keys and item.email_id not in linked:
-                linked.append(item.email_id)
-        if case_links:
-            connection.execute(self._insert(connection, tables.links), case_links)
-        if linked:
-            self._link_parties(connection, linked)
+                    got_rule.append({"b_id": item.email_id, "b_rule": item.records["rule"]})
+            wanted_cases.append(item)
+            if item.dedup_key in new_keys:
+                linked.add(item.email_id)
+        if became_tracked:
+            connection.execute(update(emails).where(
+                emails.c.id == bindparam("b_id"), emails.c.tracked.is_(False)
+            ).values(tracked=True), became_tracked)
+        if got_rule:
+            connection.execute(update(emails).where(
+                emails.c.id == bindparam("b_id"), emails.c.rule.is_(None)
+            ).values(rule=bindparam("b_rule")), got_rule)
+        links = links + self._cases_for(connection, wanted_cases, now)
+        links += self._party_links(connection, [r for r in party_rows if r["email_id"] in linked])
+        self._insert_rows(connection, self._tables.links, links)
 
-    def _case_for(self, connection: Connection, item: _Prepared,
-                  now: datetime) -> dict[str, Any] | None:
-        """Create the case the rule asks for; gives the email's link to its case, if any."""
-        records, cases = item.records, self._tables.cases
-        case_id = None
-        method = "thread"
-        if records.get("case") == "link":
-            case_id = records.get("case_id")
-        elif records.get("link_case") and item.correlation.get("case_id") is not None:
-            case_id = item.correlation["case_id"]  # the parent was found by persist
-        elif records.get("case") == "create":
-            case_id = connection.execute(self._insert(connection, cases).values(
-                title=(records.get("title") or item.email["subject"] or "(no subject)")[:500],
-                state="open", priority=records.get("priority"), owner=records.get("owner"),
-                queue=records.get("queue"), rule=records.get("rule") or "",
-                created_from_email_id=item.email_id,
-                thread_id=item.correlation.get("thread_id") or item.email_id, created_at=now,
-            ).returning(cases.c.id)).scalar()
-            if case_id is None:  # created by an earlier delivery of this email
-                case_id = connection.execute(select(cases.c.id).where(
-                    cases.c.created_from_email_id == item.email_id)).scalar_one()
-            method = "created"
-        if case_id is None:
-            return None
-        return {"email_id": item.email_id, "target_kind": "case", "target_id": int(case_id),
-                "method": method}
+    def _cases_for(self, connection: Connection, items: list[_Prepared],
+                   now: datetime) -> list[dict[str, Any]]:
+        """Create the cases the rules ask for; gives each email's link to its case."""
+        cases = self._tables.cases
+        targets: list[tuple[_Prepared, int | None, str]] = []
+        create: dict[int, dict[str, Any]] = {}  # by the email it is created from
+        for item in items:
+            records = item.records
+            if records.get("case") == "link":
+                targets.append((item, records.get("case_id"), "thread"))
+            elif records.get("link_case") and item.correlation.get("case_id") is not None:
+                targets.append((item, item.correlation["case_id"], "thread"))  # found by persist
+            elif records.get("case") == "create":
+                targets.append((item, None, "created"))
+                create.setdefault(item.email_id, {  # the first delivery of the email wins
+                    "title": (records.get("title") or item.email["subject"]
+                              or "(no subject)")[:500],
+                    "state": "open", "priority": records.get("priority"),
+                    "owner": records.get("owner"), "queue": records.get("queue"),
+                    "rule": records.get("rule") or "", "created_from_email_id": item.email_id,
+                    "thread_id": item.correlation.get("thread_id") or item.email_id,
+                    "created_at": now})
+        created: dict[int, int] = {}
+        if create:
+            created = {int(email_id): int(case_id) for case_id, email_id in self._insert_rows(
+                connection, cases, [create[e] for e in sorted(create)],
+                returning=("id", "created_from_email_id"))}
+            if missing := sorted(set(create) - set(created)):  # created by an earlier batch
+                created.update({int(email_id): int(case_id) for case_id, email_id in
+                                connection.execute(select(cases.c.id,
+                                                          cases.c.created_from_email_id)
+                                                   .where(cases.c.created_from_email_id
+                                                          .in_(missing)))})
+        links: list[dict[str, Any]] = []
+        for item, case_id, method in targets:
+            if method == "created":
+                case_id = created[item.email_id]
+            if case_id is not None:
+                links.append({"email_id": item.email_id, "target_kind": "case",
+                              "target_id": int(case_id), "method": method})
+        return links
 
-    def _link_parties(self, connection: Connection, email_ids: list[int]) -> None:
-        parties, tables = self._tables.parties, self._tables
-        rows = connection.execute(select(parties).where(
-            parties.c.email_id.in_(email_ids)).order_by(parties.c.id)).all()
+    def _party_links(self, connection: Connection,
+                     party_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Links from each new tracked email to its parties' contacts and accounts (the rows
+        as this batch stored them, in their order)."""
+        parties = self._tables.parties
         links: dict[tuple[int, str, int], str] = {}
-        for row in rows:
-            contact_id, account_id = row.contact_id, row.account_id
-            if (row.role == "from" and row.resolution == "unresolved"
+        for row in party_rows:
+            contact_id, account_id = row["contact_id"], row["account_id"]
+            if (row["role"] == "from" and row["resolution"] == "unresolved"
                     and self._create_unknown_contacts
-                    and (address := strict_address(row.address)) is not None):
-                ref: PartyRef = self._directory.ensure_contact(connection, address, row.name)
+                    and (address := strict_address(row["address"])) is not None):
+                ref: PartyRef = self._directory.ensure_contact(connection, address, row["name"])
                 contact_id = ref.id
-                connection.execute(update(parties).where(parties.c.id == row.id).values(
+                connection.execute(update(parties).where(
+                    parties.c.email_id == row["email_id"], parties.c.role == row["role"],
+                    parties.c.address == row["address"]).values(
                     resolution="contact", contact_id=ref.id))
-                links.setdefault((row.email_id, "contact", ref.id), "created-from-sender")
+                links.setdefault((row["email_id"], "contact", ref.id), "created-from-sender")
             if contact_id is not None:
-                links.setdefault((row.email_id, "contact", int(contact_id)), row.role)
+                links.setdefault((row["email_id"], "contact", int(contact_id)), row["role"])
             if account_id is not None:
-                links.setdefault((row.email_id, "account", int(account_id)), row.role)
-        if links:
-            connection.execute(self._insert(connection, tables.links), [
-                {"email_id": email_id, "target_kind": kind, "target_id": target,
-                 "method": method} for (email_id, kind, target), method in sorted(links.items())])
+                links.setdefault((row["email_id"], "account", int(account_id)), row["role"])
+        return [{"email_id": email_id, "target_kind": kind, "target_id": target,
+                 "method": method} for (email_id, kind, target), method in sorted(links.items())]
 
     # -- reading --------------------------------------------------------------------------
 
@@ -654,6 +824,19 @@ def _results(
             outcomes.append(DeliveryOutcome(row["principal_kind"], row["principal"], new))
         results.append(SaveResult(item.email_id, item.dedup_key, email_new, tuple(outcomes)))
     return results
+
+
+def _reused_key(item: _Prepared) -> str:
+    return f"{item.dedup_key}#fp:{item.email['fingerprint']}"
+
+
+def _json_value(value: Any) -> Any:
+    """What json.dumps cannot write itself: timestamps (ISO 8601 with their offset)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: persist stores aware datetimes only")
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
 def _text(value: Any) -> str:

@@ -249,6 +249,54 @@ def test_one_batch_holding_the_same_email_twice(db_engine: Engine) -> None:
     assert counts["parties"] == 4  # from carol; to alice, bob (alice once); cc support
 
 
+def test_a_batch_mixing_stored_and_new_emails(db_engine: Engine) -> None:
+    store = EmailStore(db_engine)
+    [stored] = store.save([routed_document("<old@example.com>")])
+    parties = store.parties_for(stored.email_id)
+
+    results = store.save([
+        routed_document("<old@example.com>", deliveries=[user_delivery("bob")]),
+        routed_document("<new@example.com>", deliveries=[queue_delivery("support")]),
+        routed_document("<old@example.com>"),  # a redelivery of the stored one
+        routed_document("<new@example.com>", deliveries=[user_delivery("alice")]),
+    ])
+
+    assert [r.email_new for r in results] == [False, True, False, False]
+    assert [[d.new for d in r.deliveries] for r in results] == [[True], [True], [False], [True]]
+    assert results[0].email_id == results[2].email_id == stored.email_id
+    assert results[1].email_id == results[3].email_id != stored.email_id
+    counts = store.count_rows()
+    assert (counts["emails"], counts["deliveries"], counts["queue_items"]) == (2, 4, 1)
+    assert counts["parties"] == 8  # four each, the stored email's not written again
+    assert store.parties_for(stored.email_id) == parties
+    new = store.email(results[1].email_id)
+    assert new is not None and new["thread_id"] == results[1].email_id
+
+
+def test_a_batch_that_loses_a_new_email_to_another_writer_is_redone(database: Engine) -> None:
+    class Interrupted(EmailStore):
+        """Another writer stores the same email between this batch's look-up and insert."""
+
+        looked_up = 0
+
+        def _look_up_emails(self, *args: Any, **kwargs: Any) -> Any:
+            found = super()._look_up_emails(*args, **kwargs)
+            self.looked_up += 1
+            if self.looked_up == 1:
+                EmailStore(database).save([routed_document("<race@example.com>")])
+            return found
+
+    store = Interrupted(database)
+    [result] = store.save([routed_document("<race@example.com>",
+                                           deliveries=[user_delivery("bob")])])
+
+    assert store.looked_up == 2
+    assert not result.email_new and result.deliveries[0].new
+    counts = store.count_rows()
+    assert (counts["emails"], counts["deliveries"], counts["parties"]) == (1, 2, 4)
+    assert {d["principal"] for d in store.deliveries_for(result.email_id)} == {"alice", "bob"}
+
+
 def test_email_fields_are_stored_faithfully(db_engine: Engine) -> None:
     store = EmailStore(db_engine)
     [result] = store.save([routed_document()])

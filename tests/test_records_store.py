@@ -172,6 +172,29 @@ def test_reply_routed_before_its_parent_is_committed_is_linked_by_persist(
     assert row["thread_id"] == email_row(run.store, child_id)["thread_id"]
 
 
+@pytest.mark.parametrize("order", ["oldest first", "newest first"])
+def test_a_conversation_arriving_in_one_batch_is_threaded(db_engine: Engine,
+                                                          order: str) -> None:
+    run = Pipeline(db_engine, config())
+    routed = [run.route(mail("b1@c"), "support"),
+              run.route(mail("b2@c", subject="RE: Order 17", reply_to="b1@c"), "support"),
+              run.route(mail("b3@c", subject="RE: Order 17", reply_to="b2@c"), "support")]
+    batch = routed if order == "oldest first" else routed[::-1]
+
+    ids = dict(zip((r["email"]["message_id"] for r in batch), run.save(*batch), strict=True))
+
+    first, reply, second_reply = ids["b1@c"], ids["b2@c"], ids["b3@c"]
+    assert email_row(run.store, first)["parent_email_id"] is None
+    assert email_row(run.store, reply)["parent_email_id"] == first
+    assert email_row(run.store, second_reply)["parent_email_id"] == reply
+    assert ("email", reply, "in-reply-to") in {
+        (link["target_kind"], link["target_id"], link["method"])
+        for link in run.store.links_for(second_reply)}
+    if order == "oldest first":
+        assert {email_row(run.store, i)["thread_id"] for i in ids.values()} == {first}
+    assert run.store.count_rows()["emails"] == 3
+
+
 def test_replies_mode_is_promoted_when_persist_finds_a_tracked_parent(
         db_engine: Engine) -> None:
     run = Pipeline(db_engine, config(ann_track="replies"))
