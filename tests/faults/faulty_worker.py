@@ -79,10 +79,11 @@ def install(fault: str) -> None:
             time.sleep(seconds)
             _say("handler woke up")
 
-        for stage in (ParseStage, RouteStage):
-            stage.handle = _once(stage.handle, before=pause)  # type: ignore[method-assign]
-        PersistStage.handle_batch = _once(  # type: ignore[method-assign]
-            PersistStage.handle_batch, before=pause)
+        ParseStage.handle = _once(ParseStage.handle, before=pause)  # type: ignore[method-assign]
+        # route and persist take whole batches (one at a time only if a batch fails)
+        for batch_stage in (RouteStage, PersistStage):
+            batch_stage.handle_batch = _once(  # type: ignore[method-assign]
+                batch_stage.handle_batch, before=pause)
     elif kind == "poison":
         marker = argument.encode()
         original = ParseStage.handle
