@@ -50,6 +50,8 @@ def test_interval_comes_from_the_mailbox_then_the_profile_then_60(tmp_path: Path
      r"servers\.corp\.master_password"),
     ("  - {name: a, server: corp, username: a}\n", ", idle_refresh: 1800",
      r"servers\.corp\.idle_refresh"),
+    ("  - {name: a, server: corp, username: a}\n", ", max_connections: 0",
+     r"servers\.corp\.max_connections: must be at least 1"),
 ])
 def test_unusable_fleet_settings_name_the_key(tmp_path: Path, boxes: str, profile: str,
                                               message: str) -> None:
