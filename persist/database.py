@@ -3,7 +3,9 @@
 Takes a database URL (``sqlite:///path``, ``postgresql://...`` or ``postgresql+psycopg://...``);
 gives a configured :class:`~sqlalchemy.engine.Engine` (:func:`create_engine_for`), brings the
 schema to the newest Alembic revision from code (:func:`upgrade`, no ``alembic.ini``) and tells
-which revision a database is at (:func:`current_revision`).  :func:`translate_errors` turns
+which revision a database is at (:func:`current_revision`).  :class:`KeptConnection` keeps one
+connection across calls on PostgreSQL (dropped and made anew after it fails).
+:func:`translate_errors` turns
 database failures into the stage's two kinds: a connection problem is a
 :class:`~shared.errors.TransientError`, data the database refuses is a
 :class:`~shared.errors.PermanentError` with reason ``unstorable``.
@@ -11,6 +13,7 @@ database failures into the stage's two kinds: a connection problem is a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,6 +133,51 @@ def is_connection_error(error: exc.DBAPIError) -> bool:
     return isinstance(error, exc.OperationalError | exc.InterfaceError) or bool(
         error.connection_invalidated
     )
+
+
+class KeptConnection:
+    """One connection kept across calls on PostgreSQL, used by one caller at a time.
+
+    A pooled checkout pays a pre-ping round trip on each call (and BEGIN/ROLLBACK around a
+    read); with small batches that made route and persist slow.  A connection that failed is
+    dropped and made anew on the next call; the failure itself reaches the caller.  Other
+    databases (SQLite: no network) get a new connection per call.
+    """
+
+    def __init__(self, engine: Engine, autocommit: bool = False) -> None:
+        self._engine = engine
+        self._autocommit = autocommit
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def use(self) -> Iterator[Connection]:
+        if self._engine.dialect.name != "postgresql":
+            with self._engine.connect() as connection:
+                yield connection
+            return
+        with self._lock:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+                if self._autocommit:
+                    self._connection = self._connection.execution_options(
+                        isolation_level="AUTOCOMMIT")
+            connection = self._connection
+            try:
+                yield connection
+            except exc.DBAPIError as error:
+                if connection.invalidated or is_connection_error(error):
+                    self._connection = None
+                    connection.invalidate()
+                    connection.close()
+                raise
+
+    def close(self) -> None:
+        """Give the kept connection back (the next call makes a new one)."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
 
 @contextmanager

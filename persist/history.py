@@ -13,7 +13,6 @@ the database is unreachable.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,9 +22,8 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 
-from persist.database import translate_errors
+from persist.database import KeptConnection, translate_errors
 from persist.directory_store import resolve_parties
 from persist.tables import Tables, build_tables
 from route.directory import PartyMatch
@@ -95,8 +93,7 @@ class SqlHistory:
         self._party_ttl = party_cache_seconds
         self._clock = clock
         self._parties: dict[str, tuple[float, PartyMatch | None]] = {}
-        self._connection: Connection | None = None
-        self._lock = threading.Lock()
+        self._kept = KeptConnection(engine, autocommit=True)
         emails, parties = self._tables.emails, self._tables.parties
         self._by_email_id = self._newest(emails.c.id == bindparam("email_id"))
         self._by_thread_index_root = self._newest(
@@ -118,31 +115,14 @@ class SqlHistory:
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
-        """On PostgreSQL one kept connection in autocommit: each lookup is a single round trip
-        (a pooled checkout costs a pre-ping, BEGIN and ROLLBACK besides: five round trips,
-        which made route the pipeline's bottleneck).  A failed connection is dropped and made
-        anew on the next lookup; the failure itself reaches the caller as TransientError."""
-        if self._engine.dialect.name == "sqlite":  # no network: a connection per lookup
-            with translate_errors(), self._engine.connect() as connection:
-                yield connection
-            return
-        with self._lock, translate_errors():
-            if self._connection is None:
-                self._connection = self._engine.connect().execution_options(
-                    isolation_level="AUTOCOMMIT")
-            try:
-                yield self._connection
-            except DBAPIError:
-                self._connection.invalidate()
-                self._connection.close()
-                self._connection = None
-                raise
+        """On PostgreSQL the kept connection in autocommit: each lookup is one round trip
+        (a pooled checkout cost five, which made route the pipeline's bottleneck).  A
+        failure reaches the caller as TransientError."""
+        with translate_errors(), self._kept.use() as connection:
+            yield connection
 
     def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        self._kept.close()
 
     def _newest(self, condition: Any) -> Any:
         """The statement for the newest email meeting ``condition`` (built once: composing

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,10 +34,9 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 
 from persist.blobs import BlobStore, DatabaseBlobStore, sanitise_filename
-from persist.database import is_connection_error, translate_errors
+from persist.database import KeptConnection, translate_errors
 from persist.directory_store import DirectoryStore, PartyRef, resolve_parties
 from persist.history import known_by_message_ids
 from persist.tables import CORRELATION_METHODS, Tables, build_tables
@@ -112,8 +110,7 @@ class EmailStore:
         self._directory = DirectoryStore(engine, self._clock)
         self._create_unknown_contacts = create_unknown_contacts
         self._json_inserts: dict[Any, str] = {}  # statements by the shape of their rows
-        self._connection: Connection | None = None
-        self._lock = threading.Lock()
+        self._kept = KeptConnection(engine)
 
     @property
     def tables(self) -> Tables:
@@ -138,34 +135,13 @@ class EmailStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        """On PostgreSQL a transaction on one kept connection: a pooled checkout pays a
-        pre-ping round trip besides (persist's batches are small when the mail trickles in).
-        A connection that failed is dropped and made anew on the next batch; the failure
-        itself reaches the caller (as TransientError)."""
-        if self._engine.dialect.name != "postgresql":
-            with self._engine.begin() as connection:
-                yield connection
-            return
-        with self._lock:
-            if self._connection is None:
-                self._connection = self._engine.connect()
-            connection = self._connection
-            try:
-                with connection.begin():
-                    yield connection
-            except DBAPIError as error:
-                if connection.invalidated or is_connection_error(error):
-                    self._connection = None
-                    connection.invalidate()
-                    connection.close()
-                raise
+        """A transaction on the kept connection (PostgreSQL; see KeptConnection)."""
+        with self._kept.use() as connection, connection.begin():
+            yield connection
 
     def close(self) -> None:
         """Give back the kept connection (a later save makes a new one)."""
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        self._kept.close()
 
     def _save(self, connection: Connection, prepared: list[_Prepared],
               now: datetime) -> list[SaveResult]:
