@@ -23,7 +23,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,7 +207,7 @@ class Publisher:
         # An idle connection may have been closed by the broker (missed heartbeats): find
         # out now, before publishing into it, and reconnect instead of failing the batch.
         self.keepalive()
-        try:
+        with self._failing_publish():
             self._ensure()
             channel = self._channel
             tags = []
@@ -226,36 +226,31 @@ class Publisher:
                                       routing_key=envelope.routing_key, mandatory=True,
                                       timeout=self._broker.settings.confirm_timeout)
             return Sent(channel, tags)
-        except Exception as exc:
-            failure = self._failed_publish(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
 
     def wait(self, sent: Sent) -> None:
         """Wait until everything ``sent`` is confirmed; TransientError if any is not."""
         if not sent.tags or self._broker.is_memory:
             return
-        try:
+        with self._failing_publish():
             if sent.channel is not self._channel:
                 raise TransientError("the publisher's connection was lost before the "
                                      f"confirms of {len(sent.tags)} messages came")
             self._wait_for_confirms(sent.tags)
-        except Exception as exc:
-            failure = self._failed_publish(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
 
-    def _failed_publish(self, exc: Exception) -> Exception:
-        """Drop the connection; connection errors become TransientError, bugs stay bugs."""
-        connection = self._connection
-        self.close(graceful=False)
-        if isinstance(exc, TransientError):
-            return exc
-        if connection is None or isinstance(exc, _connection_errors(connection)):
-            return TransientError(f"publish failed: {exc}")
-        return exc
+    @contextlib.contextmanager
+    def _failing_publish(self) -> Iterator[None]:
+        """On any failure drop the connection; connection errors become TransientError,
+        bugs stay bugs."""
+        try:
+            yield
+        except Exception as exc:
+            connection = self._connection
+            self.close(graceful=False)
+            if isinstance(exc, TransientError):
+                raise
+            if connection is None or isinstance(exc, _connection_errors(connection)):
+                raise TransientError(f"publish failed: {exc}") from exc
+            raise
 
     def _wait_for_confirms(self, tags: list[int]) -> None:
         assert self._connection is not None
