@@ -1,4 +1,4 @@
-"""Messages for integration tests, written here: plain mail and Outlook-style forward envelopes."""
+"""Messages for tests, written here: plain mail, CRM mail and Outlook-style forward envelopes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+
+ATTACHMENTS = tuple[tuple[str, bytes], ...]
 
 
 def message(sender: str, to: list[str], subject: str, body: str,
@@ -39,3 +41,26 @@ def forward_envelope(forwarder: str, forward_mailbox: str, original: bytes) -> b
     part.set_payload([email.message_from_bytes(original)])
     envelope.attach(part)
     return envelope.as_bytes(policy=SMTP)
+
+
+def crm_mail(mid: str, sender: str = "carol@customer.example", subject: str = "Order 17",
+             to: str = "support@corp.example", reply_to: str | None = None,
+             attachments: ATTACHMENTS = (), body: str = "hello",
+             headers: dict[str, str] | None = None) -> bytes:
+    """Mail from a customer as the routing and records tests need it (Message-ID ``<mid>``)."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = "Fri, 27 Nov 2026 08:00:00 +0000"
+    msg["Message-ID"] = f"<{mid}>"
+    if reply_to:
+        msg["In-Reply-To"] = f"<{reply_to}>"
+        msg["References"] = f"<{reply_to}>"
+    for name, value in (headers or {}).items():
+        msg[name] = value
+    msg.set_content(body)
+    for filename, content in attachments:
+        msg.add_attachment(content, maintype="application", subtype="octet-stream",
+                           filename=filename)
+    return msg.as_bytes(policy=SMTP)

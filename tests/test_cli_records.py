@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from persist.database import create_engine_for, upgrade
 from shared.cli import main
 from shared.settings import load_settings
-from tests.test_records_store import Pipeline, mail
+from tests.mailgen import crm_mail as mail
+from tests.test_records_store import Pipeline
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ history (``persist.history.SqlHistory``) and saved by ``persist.store.EmailStore
 from __future__ import annotations
 
 import io
-from email.message import EmailMessage
-from email.policy import SMTP
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from shared.settings import (
     Settings,
 )
 from tests import documents
+from tests.mailgen import crm_mail as mail
 
 pytest_plugins = ["tests.db_fixtures"]
 
@@ -61,28 +60,6 @@ def config(ann_track: str = "all", create_contacts: bool = False) -> Settings:
         directory=DirectorySettings(create_unknown_contacts=create_contacts),
         attachments=AttachmentSettings(max_bytes=10_000),
         rules=RULES)
-
-
-def mail(mid: str, sender: str = "carol@customer.example", subject: str = "Order 17",
-         to: str = "support@corp.example", reply_to: str | None = None,
-         attachments: tuple[tuple[str, bytes], ...] = (), body: str = "hello",
-         headers: dict[str, str] | None = None) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Date"] = "Fri, 27 Nov 2026 08:00:00 +0000"
-    msg["Message-ID"] = f"<{mid}>"
-    if reply_to:
-        msg["In-Reply-To"] = f"<{reply_to}>"
-        msg["References"] = f"<{reply_to}>"
-    for name, value in (headers or {}).items():
-        msg[name] = value
-    msg.set_content(body)
-    for filename, content in attachments:
-        msg.add_attachment(content, maintype="application", subtype="octet-stream",
-                           filename=filename)
-    return msg.as_bytes(policy=SMTP)
 
 
 class Pipeline:

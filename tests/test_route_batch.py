@@ -14,7 +14,8 @@ from parse.extract import parse_raw
 from shared.schemas import Codec
 from shared.settings import LimitSettings
 from tests import documents
-from tests.test_records_store import Pipeline, config, mail
+from tests.mailgen import crm_mail as mail
+from tests.test_records_store import Pipeline, config
 
 pytest_plugins = ["tests.db_fixtures"]
 

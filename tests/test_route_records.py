@@ -1,7 +1,7 @@
 """Tracking, threading, rules and the attachment policy, on real messages: no server.
 
-Messages come from ../shared/corpus (parsed by the parse stage) or are built with
-``email.message.EmailMessage`` here; earlier mail is a ``route.history.MemoryHistory``.
+Messages come from ../shared/corpus (parsed by the parse stage) or are built by
+``tests.mailgen.crm_mail``; earlier mail is a ``route.history.MemoryHistory``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import base64
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP
 from typing import Any
 
 import pytest
@@ -40,6 +38,7 @@ from shared.settings import (
 )
 from tests import documents
 from tests.corpus import corpus_folder
+from tests.mailgen import crm_mail
 
 CORPUS = corpus_folder()
 THREAD_INDEX_MAIL = "django-mailbox/bad_character_attachment.eml"  # Outlook, Thread-Index
@@ -65,19 +64,9 @@ def settings(track: str = "all", queue_track: str = "all",
 def build(sender: str = "carol@customer.example", subject: str = "Order 17",
           body: str = "hello", headers: dict[str, str] | None = None,
           attachments: Sequence[tuple[str, bytes]] = (), to: str = "ann@corp.example") -> bytes:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Date"] = "Fri, 27 Nov 2026 08:00:00 +0000"
-    msg["Message-ID"] = f"<{abs(hash((sender, subject, body)))}@customer.example>"
-    for name, value in (headers or {}).items():
-        msg[name] = value
-    msg.set_content(body)
-    for filename, content in attachments:
-        msg.add_attachment(content, maintype="application", subtype="octet-stream",
-                           filename=filename)
-    return msg.as_bytes(policy=SMTP)
+    return crm_mail(f"{abs(hash((sender, subject, body)))}@customer.example", sender=sender,
+                    subject=subject, body=body, headers=headers,
+                    attachments=tuple(attachments), to=to)
 
 
 def parsed(raw: bytes, mailbox: str = "ann") -> dict[str, Any]:
