@@ -42,6 +42,7 @@ DEFAULT_BLOCKED_EXTENSIONS = (
 )
 AuthMethod = Literal["login", "xoauth2"]
 MasterMode = Literal["separator", "authzid"]
+RuleServerKind = Literal["managesieve", "graph"]
 DEFAULT_INTERVAL = 60.0
 
 
@@ -192,6 +193,64 @@ class PrincipalSettings:
     # Which of its mail becomes records: all; only replies to tracked mail; only mail from
     # known contacts or accounts; none (untracked mail is still recorded, marked and counted).
     track: str = "all"  # one of TRACK_MODES (a plain str, checked by load_settings)
+    # Where this user's forwarding rule lives (users with ``forward`` only), for
+    # ``mailroute rules`` and the canaries.
+    rule: UserRuleSettings | None = None
+
+
+@dataclass(frozen=True)
+class UserRuleSettings:
+    """Where ``mailroute rules`` writes one user's forwarding rule."""
+
+    server: str  # a name from rule_servers
+    # ManageSieve: the login (default: the user's address); with the server's admin_user it is
+    # the authorization identity.  Graph: the user's id or userPrincipalName (default: address).
+    username: str | None = None
+    # ManageSieve without an admin login: the user's own password.
+    password: Secret | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class RuleServerSettings:
+    """A server holding users' forwarding rules: ManageSieve (RFC 5804) or Microsoft Graph."""
+
+    name: str
+    kind: RuleServerKind = "managesieve"
+    # ManageSieve (Dovecot/Pigeonhole, Cyrus, Stalwart).
+    host: str | None = None
+    port: int = 4190
+    tls: TlsMode = "starttls"
+    verify_tls: bool = True
+    ca_file: str | None = None
+    timeout: float = 30.0
+    # An admin login authorised as each user (SASL PLAIN authzid); else each user's own
+    # rule.password is used.
+    admin_user: str | None = None
+    admin_password: Secret | None = field(default=None, repr=False)
+    # The name of mailroute's script (ManageSieve) or rule (Graph) in each mailbox.
+    rule_name: str = "mailroute-forward"
+    # Microsoft Graph (Exchange Online / Microsoft 365): an app registration with
+    # MailboxSettings.ReadWrite (application permission), OAuth2 client credentials.
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = field(default=None, repr=False)
+    authority_url: str = "https://login.microsoftonline.com"
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+
+
+@dataclass(frozen=True)
+class CanarySettings:
+    """Marked test messages sent to each forwarding user, expected in the forward mailbox."""
+
+    enabled: bool = False
+    # A canary per user every ``interval`` seconds; one not seen within ``deadline`` seconds
+    # raises the user's alert.
+    interval: float = 3600.0
+    deadline: float = 900.0
+    # Where canaries are handed over: smtp://host:port, smtps://host:port or lmtp://host:port
+    # (the users' mail server, so that their rules see the canary like any incoming mail).
+    delivery_url: str | None = None
+    sender: str = "mailroute-canary@localhost"
 
 
 @dataclass(frozen=True)
@@ -310,6 +369,8 @@ class Settings:
     rules: tuple[RuleSettings, ...] = ()
     fleet: FleetSettings = FleetSettings()
     secrets: SecretSettings = SecretSettings()
+    rule_servers: tuple[RuleServerSettings, ...] = ()
+    canaries: CanarySettings = CanarySettings()
 
     def interval_of(self, box: MailboxSettings) -> float:
         """The mailbox's own interval, else its server profile's, else 60 s."""
@@ -326,6 +387,12 @@ class Settings:
             if profile.name == name:
                 return profile
         raise ConfigError(f"servers: no server profile named {name!r}")
+
+    def rule_server(self, name: str) -> RuleServerSettings:
+        for server in self.rule_servers:
+            if server.name == name:
+                return server
+        raise ConfigError(f"rule_servers: no rule server named {name!r}")
 
     def mailbox(self, name: str) -> MailboxSettings:
         for box in self.mailboxes:
@@ -451,6 +518,11 @@ def _decrypt_secrets(settings: Settings) -> Settings:
     encrypted = [b.password for b in settings.mailboxes if b.password and b.password.is_encrypted]
     encrypted += [p.master_password for p in settings.servers
                   if p.master_password and p.master_password.is_encrypted]
+    encrypted += [secret for r in settings.rule_servers
+                  for secret in (r.admin_password, r.client_secret)
+                  if secret and secret.is_encrypted]
+    encrypted += [u.rule.password for u in settings.users
+                  if u.rule and u.rule.password and u.rule.password.is_encrypted]
     if not encrypted:
         return settings
     try:
@@ -471,7 +543,15 @@ def _decrypt_secrets(settings: Settings) -> Settings:
                   for b in settings.mailboxes)
     servers = tuple(dataclasses.replace(p, master_password=opened(
         p.master_password, f"servers.{p.name}.master_password")) for p in settings.servers)
-    return dataclasses.replace(settings, mailboxes=boxes, servers=servers)
+    rule_servers = tuple(dataclasses.replace(
+        r, admin_password=opened(r.admin_password, f"rule_servers.{r.name}.admin_password"),
+        client_secret=opened(r.client_secret, f"rule_servers.{r.name}.client_secret"))
+        for r in settings.rule_servers)
+    users = tuple(u if u.rule is None else dataclasses.replace(u, rule=dataclasses.replace(
+        u.rule, password=opened(u.rule.password, f"users.{u.name}.rule.password")))
+        for u in settings.users)
+    return dataclasses.replace(settings, mailboxes=boxes, servers=servers,
+                               rule_servers=rule_servers, users=users)
 
 
 def _validate(settings: Settings) -> None:
@@ -559,7 +639,57 @@ def _validate(settings: Settings) -> None:
                 forward = by_name.get(p.forward)
                 if forward is None or not forward.forward:
                     raise ConfigError(f"{where}.forward: no forward mailbox named {p.forward!r}")
+    _validate_forwarding_rules(settings)
     _validate_records(settings)
+
+
+def _validate_forwarding_rules(settings: Settings) -> None:
+    """Rule servers, each user's ``rule`` and the canaries (``mailroute rules``, canaries)."""
+    kinds = {}
+    for server in settings.rule_servers:
+        where = f"rule_servers.{server.name}"
+        if server.name in kinds:
+            raise ConfigError(f"rule_servers: the name {server.name!r} is used twice")
+        kinds[server.name] = server.kind
+        if server.kind == "managesieve":
+            if not server.host:
+                raise ConfigError(f"{where}.host: a ManageSieve server needs a host")
+            if server.admin_user and not server.admin_password:
+                raise ConfigError(f"{where}.admin_password: an admin_user needs it")
+        else:
+            missing = [k for k in ("tenant_id", "client_id", "client_secret")
+                       if not getattr(server, k)]
+            if missing:
+                raise ConfigError(f"{where}: a graph rule server needs {', '.join(missing)}")
+        if server.timeout <= 0:
+            raise ConfigError(f"{where}.timeout: must be positive")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", server.rule_name):
+            raise ConfigError(f"{where}.rule_name: {server.rule_name!r} must be letters, "
+                              "digits, '.', '_' or '-' (at most 64)")
+    queues = {q.name for q in settings.queues}
+    for user in (*settings.users, *settings.queues):
+        if user.rule is None:
+            continue
+        where = f"{'queues' if user.name in queues else 'users'}.{user.name}.rule"
+        if user.forward is None:
+            raise ConfigError(f"{where}: a forwarding rule is for principals with forward")
+        kind = kinds.get(user.rule.server)
+        if kind is None:
+            raise ConfigError(f"{where}.server: no rule server named {user.rule.server!r}")
+        if kind == "managesieve" and not settings.rule_server(user.rule.server).admin_user \
+                and not user.rule.password:
+            raise ConfigError(f"{where}.password: rule server {user.rule.server!r} has no "
+                              "admin_user, so the user's own password is needed")
+    canaries = settings.canaries
+    if canaries.interval <= 0 or canaries.deadline <= 0:
+        raise ConfigError("canaries: interval and deadline must be positive")
+    if canaries.enabled:
+        if not canaries.delivery_url or not re.fullmatch(
+                r"(smtp|smtps|lmtp)://[^/:]+(:\d+)?/?", canaries.delivery_url):
+            raise ConfigError("canaries.delivery_url: canaries need smtp://host:port, "
+                              "smtps://host:port or lmtp://host:port")
+        if "@" not in canaries.sender:
+            raise ConfigError(f"canaries.sender: {canaries.sender!r} is not an email address")
 
 
 def _validate_records(settings: Settings) -> None:
