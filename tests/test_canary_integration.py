@@ -12,6 +12,7 @@ sends a new canary, and her alert clears when it arrives.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import Engine
 
+from ingest.canary import Handover
 from ingest.forwarding_rules import RuleTarget
 from ingest.sieve_rules import ManageSieveBackend
 from persist.canaries import CanaryStore
@@ -41,7 +43,7 @@ DEADLINE = 6.0  # a canary through Sieve and the pipeline takes 1-1.5 s here
 USERS = ("bob", "carol")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def dovecot() -> Iterator[DovecotServer]:
     server = DovecotServer(tls=False, sieve=True)
     for user in (*USERS, "forward"):
@@ -100,6 +102,7 @@ def test_a_user_whose_rule_is_missing_gets_the_canary_alert_and_only_that_user(
         tmp_path: Path, dovecot: DovecotServer, rabbit_vhost: Vhost,
         database: Engine) -> None:
     deploy_rule(dovecot, "bob")
+    inbox = {user: len(dovecot.uids(user)) for user in USERS}
     config = write_config(tmp_path / "mailroute.yaml", dovecot, rabbit_vhost, database)
     workers = Workers(config, tmp_path)
 
@@ -130,7 +133,8 @@ def test_a_user_whose_rule_is_missing_gets_the_canary_alert_and_only_that_user(
                 f"{DEADLINE:.0f} s") in alert
         assert "mailroute rules check --user carol" in alert
         # bob's canary went through his rule (a copy stays in his inbox), carol's did not
-        assert len(dovecot.uids("bob")) == 1 and len(dovecot.uids("carol")) == 1
+        assert {user: len(dovecot.uids(user)) - inbox[user] for user in USERS} == {
+            "bob": 1, "carol": 1}
         assert EmailStore(database).count_rows()["emails"] == 0  # canaries are no records
 
         shown = cli(config, "canary", "status")
@@ -139,6 +143,9 @@ def test_a_user_whose_rule_is_missing_gets_the_canary_alert_and_only_that_user(
                  if line.startswith("user ")}
         assert lines["bob"].split()[2] == "ok" and lines["carol"].split()[2] == "missing"
         assert "check the forwarding rule" in lines["carol"]
+        overview = cli(config, "status")
+        assert overview.returncode == 0, overview.stdout + overview.stderr
+        assert "CANARY FOR" in overview.stdout and lines["carol"] in overview.stdout
 
         # ordinary mail still becomes a record through bob's rule, and none through carol's
         for user in USERS:
@@ -169,3 +176,21 @@ def test_a_user_whose_rule_is_missing_gets_the_canary_alert_and_only_that_user(
     assert set(codes.values()) == {0}, workers.logs()
     for stage in ("parse", "route", "persist"):
         assert drain_queue(rabbit_vhost.url, f"mail.{stage}.dead") == []
+
+
+def test_the_handover_reports_each_refused_recipient_and_an_unreachable_server(
+        dovecot: DovecotServer) -> None:
+    handover = Handover(f"lmtp://127.0.0.1:{dovecot.lmtp_port}")
+    before = len(dovecot.uids("bob"))
+    refused, delivered = handover.send(f"mailroute-canary@{DOMAIN}", [
+        (f"nobody@{DOMAIN}", b"Subject: canary\r\n\r\nx\r\n"),
+        (f"bob@{DOMAIN}", b"Subject: canary\r\n\r\nx\r\n")])
+    assert refused is not None and f"nobody@{DOMAIN}" in refused and "refused" in refused
+    assert delivered is None
+    dovecot.wait_for_mail("bob", before + 1)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        [down] = Handover(f"smtp://127.0.0.1:{port}", timeout=5).send(
+            "a@b.example", [(f"bob@{DOMAIN}", b"Subject: x\r\n\r\nx\r\n")])
+    assert down is not None and down.startswith(f"cannot reach smtp://127.0.0.1:{port}")
