@@ -186,6 +186,7 @@ class CanaryService:
         self._handover = handover
         self._new_id = new_id
         self._states: dict[PrincipalKey, str] = {}
+        self._scheduled = False
         self._pruned_at = 0.0
 
     def _sender(self) -> Handover:
@@ -200,6 +201,9 @@ class CanaryService:
 
     def send_due(self) -> list[Canary]:
         """This round's canaries: those of the principals due (claimed by this process)."""
+        if not self._scheduled:
+            self._store.schedule(self._targets)
+            self._scheduled = True
         return self._send(self._targets, force=False)
 
     def send_now(self, only: frozenset[str] = frozenset()) -> list[Canary]:
@@ -268,7 +272,7 @@ class CanaryService:
     def run(self, stop: threading.Event, clock: Callable[[], float] | None = None) -> None:
         """Send each round and watch the deadlines until ``stop`` is set."""
         now = clock or time.monotonic
-        tick = max(0.05, min(1.0, self._settings.deadline / 4, self._settings.interval / 4))
+        tick = tick_seconds(self._settings.interval, self._settings.deadline)
         log.info("canaries: %d forwarding user(s)/queue(s), one every %.0f s each, "
                  "deadline %.0f s, via %s", len(self._targets), self._settings.interval,
                  self._settings.deadline, self._sender())
@@ -285,6 +289,12 @@ class CanaryService:
                 stop.wait(min(5.0, max(tick, 1.0)))
                 continue
             stop.wait(tick)
+
+
+def tick_seconds(interval: float, deadline: float) -> float:
+    """How often to look for due principals and late canaries: a tenth of the shorter of
+    interval and deadline, between 0.05 and 10 s (a canary is never 10% later than due)."""
+    return max(0.05, min(10.0, min(interval, deadline) / 10))
 
 
 def _with(canary: Canary, **changes: object) -> Canary:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy import delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -112,28 +112,49 @@ class CanaryStore:
 
     # ---- sending (ingest) ---------------------------------------------------------------
 
+    def schedule(self, targets: Sequence[CanaryTarget]) -> None:
+        """Give every target a schedule row, due at once; existing rows are left alone."""
+        if not targets:
+            return
+        now = self._clock()
+        with translate_errors(), self._engine.begin() as connection:
+            self._schedule_rows(connection, targets, now)
+
+    def _schedule_rows(self, connection: Connection, targets: Sequence[CanaryTarget],
+                       now: datetime) -> None:
+        keys = sorted({t.key for t in targets})
+        for start in range(0, len(keys), 500):
+            connection.execute(_insert(connection, self._schedule).values([
+                {"principal_kind": kind, "principal": name, "due_at": now}
+                for kind, name in keys[start:start + 500]]).on_conflict_do_nothing())
+
     def start_round(self, targets: Sequence[CanaryTarget], interval: float, deadline: float,
                     new_id: Callable[[], str], force: bool = False) -> list[Canary]:
         """Claim the due ``targets`` (all of them with ``force``) and record a canary for each.
 
-        A claimed principal is next due ``interval`` seconds from now; a process that loses
-        the race for a principal simply does not get it back.  Gives the canaries recorded,
-        outcome ``sending``: send each, then :meth:`mark_sent` or :meth:`mark_failed`.
+        Only targets with a schedule row (:meth:`schedule`; ``force`` makes them) can be
+        claimed.  A claimed principal is next due ``interval`` seconds from now (one due more
+        than twice that away, from a longer interval before, counts as due); a process
+        that loses the race for a principal simply does not get it.  Gives the canaries
+        recorded, outcome ``sending``: send each, then :meth:`mark_sent` or
+        :meth:`mark_failed`.
         """
         if not targets:
             return []
         by_key = {t.key: t for t in targets}
         s = self._schedule
         now = self._clock()
+        next_due = now + timedelta(seconds=interval)
         with translate_errors(), self._engine.begin() as connection:
-            insert = _insert(connection, s)
-            connection.execute(insert.values([
-                {"principal_kind": kind, "principal": name, "due_at": now}
-                for kind, name in sorted(by_key)]).on_conflict_do_nothing())
+            if force:
+                self._schedule_rows(connection, targets, now)
             claim = update(s).where(tuple_(s.c.principal_kind, s.c.principal).in_(
-                sorted(by_key))).values(due_at=now + timedelta(seconds=interval))
+                sorted(by_key))).values(due_at=next_due)
             if not force:
-                claim = claim.where(s.c.due_at <= now)
+                # due, or due more than two intervals away (a longer interval before); the
+                # margin keeps two processes with slightly different clocks from both sending
+                claim = claim.where(or_(s.c.due_at <= now,
+                                        s.c.due_at > now + timedelta(seconds=2 * interval)))
             claimed = sorted((kind, name) for kind, name in connection.execute(
                 claim.returning(s.c.principal_kind, s.c.principal)).all())
             rows = [{
@@ -208,18 +229,14 @@ class CanaryStore:
         return sorted(turned, key=lambda canary: (canary.sent_at, canary.principal))
 
     def states(self, keys: Sequence[PrincipalKey]) -> dict[PrincipalKey, PrincipalCanaries]:
-        """Each principal's newest canary, newest seen canary and newest verdict."""
-        c = self._canaries
-        found: dict[PrincipalKey, PrincipalCanaries] = {}
+        """Each principal's newest canary, newest seen canary and newest verdict (three
+        statements whatever the number of principals)."""
         with translate_errors(), self._engine.connect() as connection:
-            for key in keys:
-                mine = select(c).where(c.c.principal_kind == key[0], c.c.principal == key[1])
-                found[key] = PrincipalCanaries(
-                    latest=_newest(connection, mine),
-                    last_seen=_newest(connection, mine.where(c.c.outcome == "seen")),
-                    verdict=_newest(connection, mine.where(
-                        c.c.outcome.in_(("seen", "missing", "failed")))))
-        return found
+            latest = _newest_each(connection, self._canaries, None)
+            seen = _newest_each(connection, self._canaries, ("seen",))
+            verdicts = _newest_each(connection, self._canaries, ("seen", "missing", "failed"))
+        return {key: PrincipalCanaries(latest.get(key), seen.get(key), verdicts.get(key))
+                for key in keys}
 
     def get(self, canary_id: str) -> Canary | None:
         c = self._canaries
@@ -244,10 +261,19 @@ class CanaryStore:
         return int(result.rowcount or 0)
 
 
-def _newest(connection: Connection, query: Any) -> Canary | None:
-    row = connection.execute(query.order_by(query.selected_columns.sent_at.desc(),
-                                            query.selected_columns.id.desc()).limit(1)).first()
-    return Canary(**row._mapping) if row is not None else None
+def _newest_each(connection: Connection, c: Any, outcomes: tuple[str, ...] | None
+                 ) -> dict[PrincipalKey, Canary]:
+    """Every principal's newest canary (of these ``outcomes``), by principal."""
+    rank = func.row_number().over(partition_by=(c.c.principal_kind, c.c.principal),
+                                  order_by=(c.c.sent_at.desc(), c.c.id.desc())).label("rank")
+    query = select(*c.c, rank)
+    if outcomes is not None:
+        query = query.where(c.c.outcome.in_(outcomes))
+    ranked = query.subquery()
+    rows = connection.execute(select(*(ranked.c[column.name] for column in c.c))
+                              .where(ranked.c.rank == 1)).all()
+    found = [Canary(**row._mapping) for row in rows]
+    return {canary.key: canary for canary in found}
 
 
 def _insert(connection: Connection, table: Any) -> Any:

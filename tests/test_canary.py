@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -224,6 +226,8 @@ def test_only_one_process_claims_each_round(db_engine: Engine) -> None:
     clock = Clock()
     first, second = CanaryStore(db_engine, clock), CanaryStore(db_engine, clock)
     targets = canary_targets(SETTINGS)
+    first.schedule(targets)
+    second.schedule(targets)  # both processes start: the rows are made once
     assert {c.principal for c in first.start_round(targets, 60, 10, new_canary_id)} == {
         "bob", "carol", "sales"}
     assert second.start_round(targets, 60, 10, new_canary_id) == []
@@ -232,6 +236,25 @@ def test_only_one_process_claims_each_round(db_engine: Engine) -> None:
     clock.advance(1)
     assert len(second.start_round(targets, 60, 10, new_canary_id)) == 3
     assert first.start_round(targets, 60, 10, new_canary_id) == []
+    # the interval shortened (a new configuration): due at once, not an old interval later
+    clock.advance(1)
+    assert len(first.start_round(targets, 20, 10, new_canary_id)) == 3
+    assert second.start_round(targets, 20, 10, new_canary_id) == []
+
+
+def test_racing_processes_send_each_principal_one_canary_per_round(db_engine: Engine) -> None:
+    clock, targets = Clock(), canary_targets(SETTINGS)
+    CanaryStore(db_engine, clock).schedule(targets)
+    start = threading.Barrier(6)
+
+    def one_process() -> list[Canary]:
+        store = CanaryStore(db_engine, clock)
+        start.wait()
+        return store.start_round(targets, 60, 10, new_canary_id)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        rounds = [f.result() for f in [pool.submit(one_process) for _ in range(6)]]
+    assert sorted(c.principal for found in rounds for c in found) == ["bob", "carol", "sales"]
 
 
 # -- the monitor: alert on the missing, clear on the next arrival -----------------------------
