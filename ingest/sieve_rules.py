@@ -153,6 +153,12 @@ class SieveClient(Client):
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         return " ".join(text.split()) or "no reason given"
 
+    def __enter__(self) -> SieveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shut()
+
     def shut(self) -> None:
         if self.sock is None:
             return
