@@ -268,3 +268,16 @@ def test_the_cli_deploys_checks_mends_and_removes(tmp_path: Path,
 
     unknown = rules("check", "--user", "nobody")
     assert unknown.exit_code == 2 and "nobody" in unknown.output
+
+
+def test_tls_is_verified_against_the_configured_ca(dovecot: DovecotServer) -> None:
+    [kate, forward] = names("kate", "forward")
+    dovecot.add_user(kate, f"{kate}-password")
+    server = admin_server(dovecot)
+    unverified = RuleServerSettings(**{**server.__dict__, "ca_file": None})
+    [report] = run_rules("check", [target(kate, forward, unverified)])
+    assert report.outcome == "failed"
+    assert "TLS failed" in report.detail and "certificate verify failed" in report.detail
+    trusting = RuleServerSettings(**{**unverified.__dict__, "verify_tls": False})
+    [report] = run_rules("check", [target(kate, forward, trusting)])
+    assert (report.outcome, report.detail) == ("missing", "no script 'mailroute-forward'")
