@@ -281,3 +281,4 @@ def test_tls_is_verified_against_the_configured_ca(dovecot: DovecotServer) -> No
     trusting = RuleServerSettings(**{**unverified.__dict__, "verify_tls": False})
     [report] = run_rules("check", [target(kate, forward, trusting)])
     assert (report.outcome, report.detail) == ("missing", "no script 'mailroute-forward'")
+
