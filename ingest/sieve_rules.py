@@ -139,6 +139,9 @@ class SieveClient(Client):
                     raise RuleError(f"{where}: the server offers no STARTTLS")
                 if not self._Client__starttls():
                     raise RuleError(f"{where}: STARTTLS refused: {self.reason()}")
+            if "PLAIN" not in self._mechanisms():
+                hint = " without TLS (set tls: starttls)" if server.tls == "none" else ""
+                raise RuleError(f"{where}: the server offers no SASL PLAIN login{hint}")
             if not self._Client__authenticate(login, password, authz_id, "PLAIN"):
                 who = f"{login} as {authz_id}" if authz_id else login
                 raise RuleError(f"{where}: login refused for {who}: {self.reason()}")
@@ -147,11 +150,23 @@ class SieveClient(Client):
         except OSError as exc:
             raise RuleError(f"{where}: connection failed: {exc}") from exc
 
+    def _mechanisms(self) -> list[str]:
+        try:
+            return [m.upper() for m in self.get_sasl_mechanisms()]
+        except (KeyError, AttributeError):  # no SASL capability at all
+            return []
+
     def reason(self) -> str:
         """The server's last NO text (sievelib keeps it in errmsg)."""
         raw = self.errmsg or b""
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         return " ".join(text.split()) or "no reason given"
+
+    def __enter__(self) -> SieveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shut()
 
     def shut(self) -> None:
         if self.sock is None:

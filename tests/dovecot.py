@@ -196,17 +196,19 @@ class DovecotServer:
 
     # ---- users and mail ---------------------------------------------------------------
 
-    def add_user(self, name: str, password: str) -> None:
+    def add_user(self, name: str, password: str, userdb_fields: str = "") -> None:
         """Add a user, before or after start.
 
         One passwd-file per user: Dovecot checks a passwd-file for changes at most once a
-        second, but opens a user's file it has never seen at once.
+        second, but opens a user's file it has never seen at once.  ``userdb_fields`` are
+        the passwd-file's extra fields, e.g. ``userdb_sieve_quota_max_scripts=1``.
         """
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"unusable user name {name!r}")
         self._passwords[name] = password
         home = self.mail_root / name
-        line = f"{name}:{{PLAIN}}{password}:{self._mail_uid}:{self._mail_gid}::{home}::\n"
+        line = (f"{name}:{{PLAIN}}{password}:{self._mail_uid}:{self._mail_gid}::{home}::"
+                f"{userdb_fields}\n")
         target = self.passwd_dir / name.lower()  # the config looks up %Lu
         tmp = self.passwd_dir / f".{name}.tmp"
         tmp.write_text(line)
@@ -483,6 +485,8 @@ protocol lmtp {{
 # Sieve's redirect needs addresses with a domain; users are found by their local part.
 auth_username_format = %Ln
 postmaster_address = postmaster@localhost
+# fileinto a folder the user has not made yet creates it, as most installations do.
+lda_mailbox_autocreate = yes
 sendmail_path = {self.root / "sendmail"}
 plugin {{
   sieve = file:~/sieve;active=~/.dovecot.sieve

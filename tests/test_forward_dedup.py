@@ -28,6 +28,7 @@ FORWARD = "forward@corp.example.com"
 
 
 def settings(bob_direct: bool = False) -> Settings:
+    bob: dict[str, Any] = {"mailbox": "bob"} if bob_direct else {"forward": "fwd"}
     return Settings(
         mailboxes=(MailboxSettings(name="alice", kind="maildir", path="/a"),
                    MailboxSettings(name="bob", kind="maildir", path="/b"),
@@ -35,9 +36,7 @@ def settings(bob_direct: bool = False) -> Settings:
                                    address=FORWARD)),
         users=(PrincipalSettings(name="alice", address="alice@corp.example.com",
                                  mailbox="alice"),
-               PrincipalSettings(name="bob", address="bob@corp.example.com",
-                                 mailbox="bob" if bob_direct else None,
-                                 forward=None if bob_direct else "fwd"),
+               PrincipalSettings(name="bob", address="bob@corp.example.com", **bob),
                PrincipalSettings(name="carol", address="carol@corp.example.com",
                                  forward="fwd")),
         queues=(PrincipalSettings(name="sales", address="sales@corp.example.com",
