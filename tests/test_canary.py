@@ -17,9 +17,12 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
 from ingest.canary import CanaryService, build_canary, canary_targets, new_canary_id
@@ -29,6 +32,7 @@ from persist.store import EmailStore
 from persist.worker import PersistStage
 from route.router import Router
 from route.worker import RouteStage
+from shared.cli import main
 from shared.errors import PermanentError
 from shared.fastschema import compile_loader
 from shared.metrics import Metrics
@@ -355,3 +359,27 @@ def test_canary_targets_are_the_principals_with_a_forward_mailbox() -> None:
         CanaryTarget("user", "bob", "bob@corp.example.com", "fwd"),
         CanaryTarget("user", "carol", "carol@corp.example.com", "fwd"),
         CanaryTarget("queue", "sales", "sales@corp.example.com", "fwd")]
+
+
+# -- the CLI without servers -------------------------------------------------------------------
+def test_the_canary_cli_names_what_is_missing_and_shows_each_forwarding_user(
+        tmp_path: Path, sqlite_database_url: str) -> None:
+    config = tmp_path / "mailroute.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"url": sqlite_database_url},
+        "mailboxes": [{"name": "fwd", "kind": "maildir", "path": "fwd", "forward": True,
+                       "address": FORWARD}],
+        "users": [{"name": "bob", "address": "bob@corp.example.com", "forward": "fwd"}]}))
+    runner = CliRunner()
+
+    def mailroute(*args: str) -> Any:
+        return runner.invoke(main, ["-c", str(config), "canary", *args])
+
+    unsent = mailroute("send")
+    assert unsent.exit_code == 2 and "canaries.delivery_url: not set" in unsent.output
+    nobody = mailroute("send", "--user", "alice")
+    assert nobody.exit_code == 2 and "alice" in nobody.output
+    shown = mailroute("status")
+    assert shown.exit_code == 0, shown.output
+    assert [line.split() for line in shown.output.splitlines()[1:]] == [
+        ["user", "bob", "-", "-", "-", "-", "never"]]
