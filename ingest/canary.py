@@ -221,6 +221,7 @@ class CanaryService:
             (canary.address, build_canary(canary, self._settings.sender))
             for canary in canaries])
         sent = []
+        failed: dict[str, list[str]] = {}  # who, by error: one line for a server outage
         for canary, error in zip(canaries, results, strict=True):
             who = describe_principal(canary.principal_kind, canary.principal)
             if error is None:
@@ -232,7 +233,14 @@ class CanaryService:
                 self._store.mark_failed(canary.id, error)
                 sent.append(_with(canary, outcome="failed", detail=error))
                 self._count("canary_failed", canary.principal)
-                log.error("ALERT canary for %s could not be sent: %s", who, error)
+                failed.setdefault(error, []).append(who)
+        for error, whom in failed.items():
+            if len(whom) == 1:
+                log.error("ALERT canary for %s could not be sent: %s", whom[0], error)
+            else:
+                log.error("ALERT canaries for %d users/queues could not be sent: %s (%s%s)",
+                          len(whom), error, ", ".join(whom[:10]),
+                          ", ..." if len(whom) > 10 else "")
         return sent
 
     def _count(self, metric: str, principal: str) -> None:

@@ -325,6 +325,20 @@ def test_a_canary_that_cannot_be_handed_over_is_recorded_failed_and_alerted(
     assert service.check()[("user", "bob")].state == "failed"
 
 
+def test_a_mail_server_outage_is_one_alert_line_not_one_per_user(
+        db_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    class Down(Handed):
+        def send(self, sender: str, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+            return ["cannot reach lmtp://127.0.0.1:24: ConnectionRefusedError"] * len(messages)
+
+    service, _ = _service(db_engine, Clock(), Metrics(), Down())
+    with caplog.at_level(logging.ERROR, logger="ingest.canary"):
+        assert {c.outcome for c in service.send_due()} == {"failed"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "ALERT canaries for 3 users/queues could not be sent: cannot reach "
+        "lmtp://127.0.0.1:24: ConnectionRefusedError (queue sales, user bob, user carol)"]
+
+
 def test_a_canary_never_handed_over_is_failed_not_missing(db_engine: Engine) -> None:
     clock = Clock()
     store = CanaryStore(db_engine, clock)
