@@ -42,6 +42,9 @@ from shared.settings import RuleServerSettings
 log = logging.getLogger(__name__)
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+# National clouds' Graph hosts, whose tokens are asked for with their own scope.
+NATIONAL_GRAPH_HOSTS = ("graph.microsoft.us", "dod-graph.microsoft.us",
+                        "microsoftgraph.chinacloudapi.cn")
 RULE_SEQUENCE = 1          # first, so that a user's rule that stops processing cannot skip it
 TOKEN_MARGIN = 120.0       # a cached token is renewed this many seconds before it expires
 RETRIED_STATUSES = (429, 503, 504)
@@ -280,7 +283,8 @@ class GraphBackend:
         try:
             response = self._http.post(self._token_url, data={
                 "grant_type": "client_credentials", "client_id": server.client_id,
-                "client_secret": server.client_secret.reveal(), "scope": GRAPH_SCOPE})
+                "client_secret": server.client_secret.reveal(),
+                "scope": token_scope(server.graph_url)})
         except httpx.HTTPError as exc:
             raise RuleError(self._scrub(
                 f"{where}: cannot reach the Microsoft identity platform at "
@@ -317,6 +321,12 @@ class GraphBackend:
             if secret:
                 text = text.replace(secret, "***")
         return one_line(text)
+
+
+def token_scope(graph_url: str) -> str:
+    """``https://graph.microsoft.com/.default``, or a national cloud's own Graph scope."""
+    host = (urlsplit(graph_url).hostname or "").lower()
+    return f"https://{host}/.default" if host in NATIONAL_GRAPH_HOSTS else GRAPH_SCOPE
 
 
 class _Gone(Exception):

@@ -1,8 +1,8 @@
 """A local stand-in for one Microsoft 365 tenant: its token endpoint and Graph's inbox rules.
 
 No tenant is reachable from this machine, so the Graph backend (``ingest.graph_rules``) is
-tested against this: a real HTTP server on a free 127.0.0.1 port, in a thread, that answers
-the requests Microsoft documents for
+tested against this: a real HTTP server (HTTPS when given a certificate) on a free
+127.0.0.1 port, in a thread, that answers the requests Microsoft documents for
 
 - the identity platform's OAuth2 client-credentials grant (``POST
   /{tenant}/oauth2/v2.0/token``, form-encoded ``grant_type``, ``client_id``,
@@ -46,6 +46,7 @@ import email
 import email.policy
 import json
 import secrets
+import ssl
 import threading
 import time
 import uuid
@@ -128,12 +129,14 @@ class GraphStandIn:
     def __init__(self, *, tenant_id: str = "8f4c1f1e-0000-4000-8000-standin00001",
                  client_id: str = "5a1b2c3d-0000-4000-8000-standin00002",
                  client_secret: str = "stand-in-client-secret",
-                 token_lifetime: int = 3599, send: Send | None = None) -> None:
+                 token_lifetime: int = 3599, send: Send | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.client_secret = client_secret
         self.token_lifetime = token_lifetime
         self.send = send
+        self.tls = tls                      # (certificate file, key file): HTTPS
         self.users: dict[str, MailUser] = {}
         self.requests: list[Recorded] = []
         self.issued: list[str] = []         # every token handed out, oldest first
@@ -152,6 +155,10 @@ class GraphStandIn:
         handler = type("Handler", (_Handler,), {"standin": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name="graph-standin", daemon=True)
@@ -176,7 +183,8 @@ class GraphStandIn:
     @property
     def base_url(self) -> str:
         assert self._server is not None, "start() the stand-in first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     @property
     def authority_url(self) -> str:

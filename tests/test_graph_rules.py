@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pytest
 import yaml
 
 from ingest.forwarding_rules import RuleError, RuleTarget, rule_targets
-from ingest.graph_rules import MAX_RETRIES, GraphBackend
+from ingest.graph_rules import MAX_RETRIES, GraphBackend, token_scope
 from parse.extract import parse_raw
 from route.directory import Directory
 from route.forwarding import ForwardPolicy
@@ -242,6 +243,37 @@ def test_user_ids_and_rule_ids_are_url_encoded(tmp_path: Path, standin: GraphSta
     assert deletes and all("%2B%2F" in p for p in deletes)
 
 
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("graph-tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_tls_is_verified_against_ca_file_unless_told_not_to(
+        tmp_path: Path, certificate: tuple[str, str], targets: dict[str, RuleTarget]) -> None:
+    with GraphStandIn(client_secret=SECRET, tls=certificate) as standin:
+        standin.add_user("bob@corp.example.com")
+        assert standin.graph_url.startswith("https://")
+        for name, options, works in (("ca", {"ca_file": certificate[0]}, True),
+                                     ("system", {}, False),
+                                     ("unverified", {"verify_tls": False}, True)):
+            settings = write_config(tmp_path / f"{name}.yaml", standin, **options)
+            with GraphBackend(settings.rule_server("m365")) as backend:
+                if works:
+                    assert backend.inspect(targets["bob"]).state == "missing"
+                else:
+                    message = failure(backend.inspect, targets["bob"])
+                    assert "cannot reach the Microsoft identity platform" in message
+                    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert len(standin.issued) == 2
+
+
 # ---- token ----------------------------------------------------------------------------
 
 
@@ -260,6 +292,13 @@ def test_the_token_is_asked_for_once_and_sent_as_bearer(
     [token] = standin.issued
     assert {r.headers["authorization"] for r in standin.graph_requests()} == {f"Bearer {token}"}
     assert not any(SECRET.encode() in r.body for r in standin.graph_requests())
+
+
+def test_national_clouds_ask_for_their_own_graph_scope() -> None:
+    assert token_scope("https://graph.microsoft.com/v1.0") == (
+        "https://graph.microsoft.com/.default")
+    assert token_scope("https://graph.microsoft.us/v1.0") == "https://graph.microsoft.us/.default"
+    assert token_scope("http://127.0.0.1:8080/v1.0") == "https://graph.microsoft.com/.default"
 
 
 def test_the_token_is_renewed_before_it_expires(settings: Settings,
