@@ -73,7 +73,8 @@ class GraphBackend:
                  max_retries: int = MAX_RETRIES, max_retry_wait: float = MAX_RETRY_WAIT) -> None:
         if server.kind != "graph" or not (server.tenant_id and server.client_id
                                           and server.client_secret):
-            raise ValueError(f"rule server {server.name!r} is not a complete graph server")
+            raise RuleError(f"rule server {server.name}: not a graph server with tenant_id, "
+                            "client_id and client_secret")
         self.server = server
         self._clock = clock
         self._sleep = sleep
@@ -85,7 +86,11 @@ class GraphBackend:
                            f"{quote(server.tenant_id, safe='')}/oauth2/v2.0/token")
         verify: ssl.SSLContext | bool = False
         if server.verify_tls:
-            verify = ssl.create_default_context(cafile=server.ca_file)
+            try:
+                verify = ssl.create_default_context(cafile=server.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise RuleError(f"rule server {server.name}: ca_file {server.ca_file}: "
+                                f"{exc}") from None
         self._http = httpx.Client(timeout=server.timeout, verify=verify, transport=transport,
                                   follow_redirects=False,
                                   headers={"User-Agent": "mailroute", "Accept": "application/json"})

@@ -130,13 +130,15 @@ class GraphStandIn:
                  client_id: str = "5a1b2c3d-0000-4000-8000-standin00002",
                  client_secret: str = "stand-in-client-secret",
                  token_lifetime: int = 3599, send: Send | None = None,
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None,
+                 on_token: Callable[[list[str]], object] | None = None) -> None:
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.client_secret = client_secret
         self.token_lifetime = token_lifetime
         self.send = send
         self.tls = tls                      # (certificate file, key file): HTTPS
+        self.on_token = on_token            # called with every token issued so far
         self.users: dict[str, MailUser] = {}
         self.requests: list[Recorded] = []
         self.issued: list[str] = []         # every token handed out, oldest first
@@ -310,6 +312,8 @@ class GraphStandIn:
                              f"The provided value for scope {form['scope']} is not valid.")
         token = "eyJ0eXAiOiJKV1Qi." + secrets.token_urlsafe(48)
         self.issued.append(token)
+        if self.on_token is not None:
+            self.on_token(list(self.issued))
         self._valid[token] = time.monotonic() + self.token_lifetime
         return {"token_type": "Bearer", "expires_in": self.token_lifetime,
                 "ext_expires_in": self.token_lifetime, "access_token": token}

@@ -50,9 +50,17 @@ def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
 
 
+def scanned_tokens(folder: Path) -> Any:
+    """Writes the tokens issued where the secret scan reads them (``*token*`` keys)."""
+    def write(tokens: list[str]) -> None:
+        (folder / "issued-tokens.yaml").write_text(yaml.safe_dump(
+            {f"access_token_{i}": token for i, token in enumerate(tokens)}))
+    return write
+
+
 @pytest.fixture
 def standin(tmp_path: Path) -> Iterator[GraphStandIn]:
-    server = GraphStandIn(client_secret=SECRET)
+    server = GraphStandIn(client_secret=SECRET, on_token=scanned_tokens(tmp_path))
     for address in USERS.values():
         server.add_user(address)
     # The stand-in's own secret is in a YAML file under basetemp: the secret scan knows it.
@@ -257,7 +265,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def test_tls_is_verified_against_ca_file_unless_told_not_to(
         tmp_path: Path, certificate: tuple[str, str], targets: dict[str, RuleTarget]) -> None:
-    with GraphStandIn(client_secret=SECRET, tls=certificate) as standin:
+    with GraphStandIn(client_secret=SECRET, tls=certificate,
+                      on_token=scanned_tokens(tmp_path)) as standin:
         standin.add_user("bob@corp.example.com")
         assert standin.graph_url.startswith("https://")
         for name, options, works in (("ca", {"ca_file": certificate[0]}, True),
@@ -398,6 +407,12 @@ def test_an_unknown_user_is_named(standin: GraphStandIn, backend: GraphBackend,
     message = failure(backend.install, target)
     assert "user 'erin@corp.example.com' not found in tenant" in message
     assert "404 ErrorInvalidUser" in message
+
+
+def test_an_unreadable_ca_file_is_named(tmp_path: Path, standin: GraphStandIn) -> None:
+    settings = write_config(tmp_path / "ca.yaml", standin, ca_file=str(tmp_path / "no.pem"))
+    with pytest.raises(RuleError, match=r"rule server m365: ca_file .*no\.pem"):
+        GraphBackend(settings.rule_server("m365"))
 
 
 def test_an_unreachable_server_is_named(tmp_path: Path, standin: GraphStandIn,
