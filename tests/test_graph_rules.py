@@ -7,12 +7,13 @@ remove; the user's own rules left alone; the token cached, renewed and refreshed
 errors that name the problem and never the secret or the token.  The configurations are
 YAML under pytest's base temporary directory, so the whole-run secret scan
 (tests/secret_scan.py) looks for the client secrets in every log and output.  Last, mail
-flows through the stand-in's rules into a Dovecot forward mailbox, and parse and route
-recognise the forwarders.
+flows through the stand-in's rules into a Dovecot forward mailbox, and the pipeline (real
+RabbitMQ and PostgreSQL) makes records for the users whose rules forwarded it.
 """
 
 from __future__ import annotations
 
+import email
 import logging
 import socket
 import subprocess
@@ -23,17 +24,19 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from sqlalchemy.engine import Engine
 
 from ingest.forwarding_rules import RuleError, RuleTarget, rule_targets
 from ingest.graph_rules import MAX_RETRIES, GraphBackend, token_scope
-from parse.extract import parse_raw
-from route.directory import Directory
-from route.forwarding import ForwardPolicy
-from route.router import route
-from shared.settings import LimitSettings, Settings, load_settings
-from tests import documents, mailgen
+from shared.settings import Settings, load_settings
+from tests import mailgen
+from tests.broker_fixtures import Vhost
 from tests.dovecot import DovecotServer
 from tests.graph_standin import GraphStandIn
+from tests.processes import Workers, wait_for
+from tests.test_forward_integration import deliveries
+
+pytest_plugins = ["tests.db_fixtures"]
 
 FORWARD = "forward@corp.example.com"
 SECRET = "Qx7~stand-in-app-secret-1f2e"   # what the stand-in's app registration holds
@@ -455,38 +458,73 @@ def test_the_standin_checks_request_bodies_as_graph_does(standin: GraphStandIn,
 # ---- mail through the rules -----------------------------------------------------------
 
 
+@pytest.fixture
+def forward_server() -> Iterator[DovecotServer]:
+    server = DovecotServer(tls=False)
+    server.add_user("forward", "Fw-dovecot-secret-9")
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.mark.integration
-def test_mail_flows_through_graph_rules_into_the_forward_mailbox(
-        tmp_path: Path, standin: GraphStandIn, backend: GraphBackend, settings: Settings,
-        targets: dict[str, RuleTarget]) -> None:
-    dovecot = DovecotServer(tls=False)
-    dovecot.add_user("forward", "Fw-dovecot-secret-9")
-    dovecot.start()
+def test_mail_flows_through_graph_rules_into_records(
+        tmp_path: Path, standin: GraphStandIn, backend: GraphBackend,
+        targets: dict[str, RuleTarget], forward_server: DovecotServer, rabbit_vhost: Vhost,
+        database: Engine) -> None:
+    """Rules deployed through Graph; the stand-in's Exchange forwards each user's mail as an
+    attachment into a Dovecot forward mailbox; the four stages (RabbitMQ, PostgreSQL) make
+    records for the users whose rules forwarded, recognised by the envelope's sender."""
+    sent: list[tuple[str, bytes]] = []
+
+    def send(recipient: str, raw: bytes) -> None:
+        sent.append((recipient, raw))
+        forward_server.deliver(recipient.partition("@")[0], raw)
+
+    standin.send = send
+    for target in targets.values():
+        backend.install(target)
+    standin.add_rule(targets["bob"].login, OWN_RULE)
+    standin.add_user("dave@corp.example.com")   # no rule: nothing forwarded
+    shared = mailgen.message("customer@example.net", [*USERS.values(), "dave@corp.example.com"],
+                             "Order 17", "please ship", message_id="<order-17@example.net>")
+    for login in (*USERS.values(), "dave@corp.example.com"):
+        standin.deliver(login, shared)
+    standin.deliver("bob@corp.example.com", mailgen.message(
+        "customer@example.net", ["bob@corp.example.com"], "Order 18", "and this",
+        message_id="<order-18@example.net>"))
+    # What Exchange's rule sends: From the user, To the forward mailbox, the original inside.
+    assert sorted(email.message_from_bytes(raw)["From"] for _, raw in sent) == [
+        "bob@corp.example.com", "bob@corp.example.com", "carol@corp.example.com"]
+    assert {recipient for recipient, _ in sent} == {FORWARD}
+    envelope = email.message_from_bytes(sent[0][1])
+    [attached] = [p for p in envelope.walk() if p.get_content_type() == "message/rfc822"]
+    assert attached.get_payload(0)["Message-ID"] == "<order-17@example.net>"
+
+    config = tmp_path / "pipeline.yaml"
+    data = yaml.safe_load((tmp_path / "mailroute.yaml").read_text())
+    data.update({
+        "broker": {"url": rabbit_vhost.url, "prefix": "mail", "confirm_timeout": 10},
+        "database": {"url": database.url.render_as_string(hide_password=False)},
+        "metrics": {"base_port": 0},
+        "servers": [{"name": "forwards", "host": forward_server.host,
+                     "port": forward_server.imap_port, "tls": "none"}],
+        "mailboxes": [{"name": "forward", "kind": "imap", "server": "forwards",
+                       "username": "forward", "password": "Fw-dovecot-secret-9",
+                       "forward": True, "address": FORWARD, "interval": 0.3}]})
+    config.write_text(yaml.safe_dump(data))
+    workers = Workers(config, tmp_path)
     try:
-        standin.send = lambda recipient, raw: dovecot.deliver(recipient.partition("@")[0], raw)
-        for target in targets.values():
-            backend.install(target)
-        standin.add_rule(targets["bob"].login, OWN_RULE)
-        standin.add_user("dave@corp.example.com")   # no rule: nothing forwarded
-        original = mailgen.message("customer@example.net", list(USERS.values()), "Order 17",
-                                   "please ship", message_id="<order-17@example.net>")
-        for login in (*USERS.values(), "dave@corp.example.com"):
-            standin.deliver(login, original)
-        with dovecot.client("forward", "INBOX") as imap:
-            fetched = imap.fetch(imap.search("ALL"), ["RFC822"])
-            arrived = [item[b"RFC822"] for item in fetched.values()]
+        workers.start("ingest", "parse", "route", "persist")
+        wait_for(lambda: len(deliveries(database)) == 3, "three deliveries",
+                 on_timeout=workers.logs)
+        assert deliveries(database) == [
+            ("order-17@example.net", "bob", "forward", "envelope-from"),
+            ("order-17@example.net", "carol", "forward", "envelope-from"),
+            ("order-18@example.net", "bob", "forward", "envelope-from"),
+        ]
+        wait_for(lambda: forward_server.uids("forward") == [],
+                 "the forward mailbox to be emptied", on_timeout=workers.logs)
     finally:
-        dovecot.stop()
-    assert len(arrived) == 2
-    found = []
-    for raw in arrived:
-        for envelope, mail in parse_raw(raw, "forward", LimitSettings()).items():
-            parsed = {"trace_id": "t", "source": documents.source("forward", "forward"),
-                      "envelope": envelope, "email": mail}
-            found += [(d["principal"], d["method"], d["evidence"]["decided_by"],
-                       mail["message_id"])
-                      for d in route(parsed, Directory(settings), ForwardPolicy(settings))]
-    assert sorted(found) == [
-        ("bob", "forward", "envelope-from", "order-17@example.net"),
-        ("carol", "forward", "envelope-from", "order-17@example.net"),
-    ]
+        codes = workers.stop_all()
+    assert set(codes.values()) == {0}, workers.logs()
