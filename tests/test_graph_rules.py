@@ -14,6 +14,7 @@ RabbitMQ and PostgreSQL) makes records for the users whose rules forwarded it.
 from __future__ import annotations
 
 import email
+import email.message
 import logging
 import socket
 import subprocess
@@ -499,7 +500,9 @@ def test_mail_flows_through_graph_rules_into_records(
     assert {recipient for recipient, _ in sent} == {FORWARD}
     envelope = email.message_from_bytes(sent[0][1])
     [attached] = [p for p in envelope.walk() if p.get_content_type() == "message/rfc822"]
-    assert attached.get_payload(0)["Message-ID"] == "<order-17@example.net>"
+    inner = attached.get_payload(0)
+    assert isinstance(inner, email.message.Message)
+    assert inner["Message-ID"] == "<order-17@example.net>"
 
     config = tmp_path / "pipeline.yaml"
     data = yaml.safe_load((tmp_path / "mailroute.yaml").read_text())
