@@ -449,9 +449,10 @@ namespace inbox {{
         """The ``sendmail`` Sieve's redirect runs: hands the message to this Dovecot's LMTP.
 
         Pigeonhole's other route, ``submission_host``, speaks SMTP (EHLO), which Dovecot's
-        own LMTP service refuses; running ``dovecot-lda`` instead would need the mail user to
-        reach the auth sockets.  Dovecot runs this as the mail user with ``-i -f <sender>
-        -- <recipients>``; it uses only the standard library of the system's Python.
+        own LMTP service refuses (tried: "500 5.5.1 Unknown command" at RCPT).  Calling
+        ``dovecot-lda`` here would probably work too (not tried); handing the message back
+        to LMTP keeps one delivery path.  Dovecot runs this as the mail user with ``-i -f
+        <sender> -- <recipients>``; it uses only the standard library of the system's Python.
         """
         script = self.root / "sendmail"
         script.write_text(f"""#!/usr/bin/python3
