@@ -1,11 +1,12 @@
 """Canaries without mail servers: recognised in real message bytes, marked seen, alerted on.
 
 The canary is built by ``ingest.canary.build_canary``, wrapped as an Exchange rule wraps it
-(forward as attachment) or redirected as Pigeonhole's ``redirect`` leaves it
-(``X-Sieve-Redirected-From``), parsed by ``parse_raw`` and routed by the real Router: route is
-pure.  The bookkeeping (``persist.canaries``) and persist's side run on SQLite and
-PostgreSQL; the hand-over to a mail server is the one stand-in here (the integration test in
-``test_canary_integration.py`` hands canaries to Dovecot over LMTP).
+(forward as attachment; also the Graph stand-in's ``forwardAsAttachmentTo`` envelope) or
+redirected as Pigeonhole's ``redirect`` leaves it (``X-Sieve-Redirected-From``), parsed by
+``parse_raw`` and routed by the real Router: route is pure.  The bookkeeping
+(``persist.canaries``) and persist's side run on SQLite and PostgreSQL; the hand-over to a
+mail server is the one stand-in here (the integration test in ``test_canary_integration.py``
+hands canaries to Dovecot over LMTP).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from shared.settings import (
     Settings,
 )
 from tests import documents, mailgen
+from tests.graph_standin import forward_as_attachment
 
 pytest_plugins = ["tests.db_fixtures"]
 
@@ -99,6 +101,11 @@ def exchange_forward(raw: bytes, forwarder: str = "bob@corp.example.com") -> byt
     return mailgen.forward_envelope(forwarder, FORWARD, raw)
 
 
+def graph_rule_forward(raw: bytes, user: str = "bob@corp.example.com") -> bytes:
+    """What Exchange Online sends for the Graph rule ``forwardAsAttachmentTo`` (stand-in)."""
+    return forward_as_attachment(user, FORWARD, raw)
+
+
 def sieve_redirect(raw: bytes, user: str = "bob@corp.example.com") -> bytes:
     """What Pigeonhole's redirect hands on: the message, its headers above, unchanged."""
     return (f"Return-Path: <{SENDER}>\r\nX-Sieve-Redirected-From: {user}\r\n"
@@ -120,8 +127,8 @@ def route_documents(raw: bytes, mailbox: str = "fwd", kind: str = "forward"
 
 
 # -- route: recognising a canary is pure -------------------------------------------------------
-@pytest.mark.parametrize("wrap", [exchange_forward, sieve_redirect],
-                         ids=["exchange-attachment", "sieve-redirect"])
+@pytest.mark.parametrize("wrap", [exchange_forward, graph_rule_forward, sieve_redirect],
+                         ids=["exchange-attachment", "graph-rule", "sieve-redirect"])
 def test_a_forwarded_canary_is_routed_to_its_forwarder_without_records(
         wrap: Callable[[bytes], bytes]) -> None:
     canary = a_canary()
