@@ -2,7 +2,9 @@
 
 Takes a parsed email (``shared.schemas.EmailSchema`` dict, whose ``headers`` keep
 ``x-mailroute-canary``: see ``parse.extract.KEPT_HEADERS``); :func:`canary_id` gives the id
-its ``X-Mailroute-Canary`` header carries, or None for ordinary mail.  Pure.  Whether the id
+its ``X-Mailroute-Canary`` header carries, or None for ordinary mail.  Only mail from the
+configured canary sender (``canaries.sender``) can be a canary: the header on anyone else's
+mail is ignored, so nobody can keep their mail out of the records by adding it.  Pure.  Whether the id
 was really sent, and to whom, only persist can tell (``persist.canaries``): route marks the
 routed document and makes no records for it.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from route.directory import normalise_address
 from shared.errors import PermanentError
 
 CANARY_HEADER = "X-Mailroute-Canary"
@@ -23,10 +26,15 @@ CANARY_HEADER = "X-Mailroute-Canary"
 _CANARY_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
-def canary_id(email: dict[str, Any]) -> str | None:
-    """The canary id of ``email``, None when it carries no canary header."""
+def canary_id(email: dict[str, Any], sender: str) -> str | None:
+    """The canary id of ``email``, None when it carries no canary header or is not from
+    ``sender`` (the canaries' From address)."""
     values = (email.get("headers") or {}).get(CANARY_HEADER.lower())
     if not values:
+        return None
+    senders = {normalise_address(a.get("address") or "")
+               for a in email.get("from_") or email.get("from") or ()}
+    if senders != {normalise_address(sender)}:
         return None
     found = {value.strip() for value in values}
     if len(found) != 1:

@@ -131,7 +131,7 @@ class Router:
         history = history or self.history
         deliveries = route(parsed, self.directory, self.forwarding)
         email = parsed["email"]
-        canary = canary_id(email)
+        canary = canary_id(email, self.settings.canaries.sender)
         if canary is not None:
             # mailroute's own test message: who forwarded it is all that counts
             for delivery in deliveries:

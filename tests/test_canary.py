@@ -151,6 +151,16 @@ def test_ordinary_mail_keeps_the_routed_shape_without_a_canary_key() -> None:
     assert routed["deliveries"][0]["tracked"] is True
 
 
+def test_a_canary_header_on_someone_elses_mail_is_ignored() -> None:
+    """Nobody keeps their mail out of the records by adding the header."""
+    raw = (f"X-Mailroute-Canary: {new_canary_id()}\r\n".encode()
+           + mailgen.message("customer@example.net", ["bob@corp.example.com"], "hello", "hi",
+                             message_id="<forged@example.net>"))
+    [routed] = route_documents(exchange_forward(raw))
+    assert "canary" not in routed
+    assert routed["deliveries"][0]["tracked"] is True
+
+
 def test_the_canary_key_loads_alike_through_the_compiled_codec_and_marshmallow() -> None:
     [routed] = route_documents(exchange_forward(build_canary(a_canary(), SENDER)))
     data = json.loads(Codec().encode("routed", routed))
