@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,7 +225,7 @@ def test_an_email_shows_its_deliveries_and_why(
 def test_a_hostile_subject_is_escaped_everywhere(
         client: FlaskClient, emails: dict[str, int]) -> None:
     for path in ("/emails", f"/emails/{emails['hostile']}",
-                 "/emails?q=" + urllib.request.quote("<script>")):
+                 "/emails?q=" + urllib.parse.quote("<script>")):
         page = text(client.get(path))
         assert "&lt;script&gt;alert(" in page, path
         assert "<script>alert" not in page, path
