@@ -145,13 +145,13 @@ def create_app(settings: Settings, engine: Any,
         return render_template("mailboxes.html", page="mailboxes", failing=failing,
                                rows=data.mailboxes(failing_only=failing))
 
-    @app.post("/mailboxes/<name>/test")
+    @app.post("/mailboxes/<path:name>/test")
     def mailbox_test(name: str) -> Response:
         require_admin()
         report(actions.mailbox_test(settings, _mailbox(settings, name)))
         return redirect(url_for("mailboxes"), 303)
 
-    @app.post("/mailboxes/<name>/enable")
+    @app.post("/mailboxes/<path:name>/enable")
     def mailbox_enable(name: str) -> Response:
         require_admin()
         report(actions.mailbox_enable(settings, engine, _mailbox(settings, name)))
