@@ -27,6 +27,7 @@ from shared.cli_emails import emails
 from shared.cli_mailbox import fleet_lines, mailbox, secret
 from shared.cli_parse import parse_command
 from shared.cli_replay import replay
+from shared.cli_rules import rules
 from shared.cli_support import Context, MailrouteGroup, connect_or_fail, open_engine, safe_url
 from shared.cli_web import WebServer, web
 from shared.metrics import Metrics, MetricsServer
@@ -319,6 +320,7 @@ main.add_command(emails)
 main.add_command(directory)
 main.add_command(mailbox)
 main.add_command(secret)
+main.add_command(rules)
 main.add_command(web)
 
 
