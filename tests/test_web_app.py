@@ -37,6 +37,8 @@ from tests.mailgen import crm_mail as mail
 from tests.processes import REPO
 from tests.test_records_store import Pipeline
 
+pytest_plugins = ["tests.db_fixtures"]
+
 ADMIN_TOKEN = "web-admin-token-0123456789"
 MAILBOX_PASSWORD = "imap-password-for-ann-42"
 HOSTILE = "<script>alert('owned')</script> & \"quotes\""
@@ -83,6 +85,10 @@ def engine(settings: Settings) -> Iterator[Engine]:
 
 @pytest.fixture
 def emails(engine: Engine, settings: Settings) -> dict[str, int]:
+    return make_emails(engine, settings)
+
+
+def make_emails(engine: Engine, settings: Settings) -> dict[str, int]:
     """Three emails: one to the support queue, a reply to it for ann, a hostile subject."""
     run = Pipeline(engine, settings)
     first = run(mail("order-17@customer.example"), "support")
@@ -190,7 +196,11 @@ def test_the_overview_json_gives_rates_and_latency_from_the_workers_metrics(
 
 
 def test_search_by_address_subject_and_message_id(
-        client: FlaskClient, emails: dict[str, int]) -> None:
+        db_engine: Engine, settings: Settings) -> None:
+    """On SQLite and on PostgreSQL (the search is new SQL)."""
+    emails = make_emails(db_engine, settings)
+    client = create_app(settings, db_engine, sources=[]).test_client()
+
     def found(query: str) -> list[int]:
         page = text(client.get("/emails", query_string={"q": query}))
         return sorted(int(i) for i in re.findall(r'<tr data-email="(\d+)">', page))
@@ -205,7 +215,9 @@ def test_search_by_address_subject_and_message_id(
 
 
 def test_an_email_shows_its_deliveries_and_why(
-        client: FlaskClient, emails: dict[str, int]) -> None:
+        db_engine: Engine, settings: Settings) -> None:
+    emails = make_emails(db_engine, settings)
+    client = create_app(settings, db_engine, sources=[]).test_client()
     page = text(client.get(f"/emails/{emails['reply']}"))
     assert "Re: Order 17" in page and "reply-17@customer.example" in page
     (row,) = re.findall(r'<tr class="delivery">.*?</tr>', page, re.S)
