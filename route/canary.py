@@ -4,9 +4,9 @@ Takes a parsed email (``shared.schemas.EmailSchema`` dict, whose ``headers`` kee
 ``x-mailroute-canary``: see ``parse.extract.KEPT_HEADERS``); :func:`canary_id` gives the id
 its ``X-Mailroute-Canary`` header carries, or None for ordinary mail.  Only mail from the
 configured canary sender (``canaries.sender``) can be a canary: the header on anyone else's
-mail is ignored, so nobody can keep their mail out of the records by adding it.  Pure.  Whether the id
-was really sent, and to whom, only persist can tell (``persist.canaries``): route marks the
-routed document and makes no records for it.
+mail is ignored, so nobody can keep their mail out of the records by adding it.  Pure.
+Whether the id was really sent, and to whom, only persist can tell (``persist.canaries``):
+route marks the routed document and makes no records for it.
 
 Fails with ``PermanentError("unknown-canary")`` for a header that cannot be one of mailroute's
 ids (empty, malformed, or several different values): such a message is dead-lettered with the
