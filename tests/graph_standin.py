@@ -22,17 +22,27 @@ tested against this: a real HTTP server (HTTPS when given a certificate) on a fr
 
 It records every request (:attr:`GraphStandIn.requests`) so that tests can check what was
 sent.  :meth:`GraphStandIn.deliver` plays Exchange's transport for one incoming message: the
-user's enabled rules without conditions run in sequence order and each
+user's enabled rules run in sequence order, each acting when all of its conditions hold and
+none of its exceptions does.  It evaluates headerContains (any of the strings in the header
+section, names and values, ignoring case), fromAddresses (the From header's address is one
+of them, ignoring case), senderContains and subjectContains.  Each
 ``forwardAsAttachmentTo`` makes an envelope as Exchange does (From the user, To the
 recipient, "FW: " subject, the original attached as message/rfc822, with the
 ``X-MS-Exchange-Inbox-Rules-Loop`` header), handed to the ``send`` callback (for example an
-IMAP APPEND to a Dovecot forward mailbox).
+IMAP APPEND to a Dovecot forward mailbox); delete moves the message to the user's Deleted
+Items (:attr:`MailUser.deleted_items`), permanentDelete drops it, moveToFolder and
+copyToFolder file it by folder id (:attr:`MailUser.folders`), and stopProcessingRules ends
+the run.  :attr:`MailUser.ran` lists which rules acted on which message.
 
-Left out, and so untested here: rules' conditions and exceptions are stored and returned but
-never evaluated (a rule with any is skipped by :meth:`deliver`); forwardTo, redirectTo and
-the folder actions are stored, not carried out; no paging (@odata.nextLink), OData query
-options, $batch, delegated (user) tokens, token signatures or claims, application access
-policies, or the tenant's outbound spam policy that blocks automatic external forwarding.
+Left out, and so untested here: the other predicates (a rule with one in its conditions or
+exceptions is skipped by :meth:`deliver`); which header Exchange matches fromAddresses and
+senderContains against (here the From header) and whether headerContains sees the headers
+exactly as sent (here as parsed, one ``Name: value`` a line); several moves of one message
+(here the last one wins, Exchange may file copies); forwardTo, redirectTo, markAsRead,
+markImportance and assignCategories are stored, not carried out; no paging
+(@odata.nextLink), OData query options, $batch, delegated (user) tokens, token signatures or
+claims, application access policies, or the tenant's outbound spam policy that blocks
+automatic external forwarding.
 Sequences are kept 1..n (a rule put at a taken sequence goes first), as Exchange keeps
 rule priorities.  Error codes follow the documented and commonly
 seen ones; the exact wording of messages is the stand-in's own.  It is a stand-in for a
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.message
 import email.policy
 import json
 import secrets
@@ -54,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime, getaddresses, make_msgid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -95,6 +106,10 @@ class MailUser:
     mail: str
     rules: list[dict[str, Any]] = field(default_factory=list)
     inbox: list[bytes] = field(default_factory=list)
+    deleted_items: list[bytes] = field(default_factory=list)   # the delete action's folder
+    folders: dict[str, list[bytes]] = field(default_factory=dict)  # moveTo/copyToFolder, by id
+    # (Message-ID, rule displayName) for every rule whose actions ran, in order.
+    ran: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _Reply(Exception):
@@ -242,25 +257,43 @@ class GraphStandIn:
     # ---- Exchange's transport, for one message ----------------------------------------
 
     def deliver(self, key: str, raw: bytes) -> list[tuple[str, bytes]]:
-        """The message arrives in the user's inbox; their rules run; returns what was sent."""
+        """The message arrives for the user; their rules run; returns what was sent.
+
+        Enabled rules run in sequence order.  A rule acts when all of its conditions hold
+        and none of its exceptions does (a rule with a predicate not evaluated here is
+        skipped); its forwardAsAttachmentTo recipients each get an envelope, copyToFolder
+        files a copy, moveToFolder, delete and permanentDelete decide where the message ends
+        up (the last one wins), and stopProcessingRules ends the run.  The message lands in
+        the user's inbox, Deleted Items or a folder, or nowhere."""
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        message_id = str(message.get("Message-ID", ""))
+        sent = []
         with self._lock:
             user = self.user(key)
-            user.inbox.append(raw)
-            rules = [r for r in self._sorted(user) if r.get("isEnabled")]
-        sent = []
-        for rule in rules:
-            if any(rule.get("conditions", {}).values()) or \
-                    any(rule.get("exceptions", {}).values()):
-                continue  # conditions are not evaluated here (see the module docstring)
-            actions = rule.get("actions", {})
-            for recipient in actions.get("forwardAsAttachmentTo") or []:
-                address = recipient["emailAddress"]["address"]
-                envelope = forward_as_attachment(user.mail, address, raw)
-                sent.append((address, envelope))
-                if self.send is not None:
-                    self.send(address, envelope)
-            if actions.get("stopProcessingRules"):
-                break
+            place: list[bytes] | None = user.inbox
+            for rule in self._sorted(user):
+                if not rule.get("isEnabled") or not _applies(rule, message):
+                    continue
+                user.ran.append((message_id, str(rule.get("displayName"))))
+                actions = rule.get("actions") or {}
+                for recipient in actions.get("forwardAsAttachmentTo") or []:
+                    address = recipient["emailAddress"]["address"]
+                    sent.append((address, forward_as_attachment(user.mail, address, raw)))
+                if actions.get("copyToFolder"):
+                    user.folders.setdefault(actions["copyToFolder"], []).append(raw)
+                if actions.get("moveToFolder"):
+                    place = user.folders.setdefault(actions["moveToFolder"], [])
+                if actions.get("delete"):
+                    place = user.deleted_items
+                if actions.get("permanentDelete"):
+                    place = None
+                if actions.get("stopProcessingRules"):
+                    break
+            if place is not None:
+                place.append(raw)
+        if self.send is not None:
+            for address, envelope in sent:
+                self.send(address, envelope)
         return sent
 
     # ---- requests ---------------------------------------------------------------------
@@ -472,6 +505,46 @@ class GraphStandIn:
 
 def _given(value: Any) -> bool:
     return value not in (None, False, [], {}, "")
+
+
+def _applies(rule: dict[str, Any], message: email.message.Message) -> bool:
+    """All of the rule's conditions hold and none of its exceptions does (False when one
+    is a predicate not evaluated here)."""
+    conditions = {k: v for k, v in (rule.get("conditions") or {}).items() if _given(v)}
+    exceptions = {k: v for k, v in (rule.get("exceptions") or {}).items() if _given(v)}
+    if not set(conditions) | set(exceptions) <= set(EVALUATED):
+        return False
+    return all(EVALUATED[k](v, message) for k, v in conditions.items()) and \
+        not any(EVALUATED[k](v, message) for k, v in exceptions.items())
+
+
+def _header_contains(strings: list[str], message: email.message.Message) -> bool:
+    """One of the strings in the header section (names and values), ignoring case."""
+    headers = "\n".join(f"{name}: {value}" for name, value in message.items()).lower()
+    return any(s.lower() in headers for s in strings)
+
+
+def _from_addresses(recipients: list[dict[str, Any]], message: email.message.Message) -> bool:
+    """The From address is one of the recipients' addresses, ignoring case."""
+    wanted = {str(r["emailAddress"]["address"]).lower() for r in recipients}
+    found = {address.lower() for _, address in getaddresses(message.get_all("From", []))}
+    return bool(found & wanted)
+
+
+def _sender_contains(strings: list[str], message: email.message.Message) -> bool:
+    sender = str(message.get("From", "")).lower()
+    return any(s.lower() in sender for s in strings)
+
+
+def _subject_contains(strings: list[str], message: email.message.Message) -> bool:
+    subject = str(message.get("Subject", "")).lower()
+    return any(s.lower() in subject for s in strings)
+
+
+# The predicates deliver() evaluates (within one, any of the values is enough).
+EVALUATED: dict[str, Callable[[Any, email.message.Message], bool]] = {
+    "headerContains": _header_contains, "fromAddresses": _from_addresses,
+    "senderContains": _sender_contains, "subjectContains": _subject_contains}
 
 
 def _known(properties: dict[str, Any], known: set[str], type_name: str) -> None:
