@@ -7,9 +7,25 @@ token with the OAuth2 client-credentials grant (cached until shortly before it e
 from Graph fetches a fresh one, once) and keeps one inbox message rule per user, named
 ``rule_name``: enabled, no conditions (every message), ``forwardAsAttachmentTo`` the forward
 mailbox, ``stopProcessingRules`` false, first in sequence, beside the user's own rules, which
-it never changes.  Graph documents the calls used here: mailFolder-list-messageRules,
-mailFolder-post-messageRules, messageRule-update, messageRule-delete and the messageRule
-resource; the token request is the Microsoft identity platform's client-credentials flow.
+it never changes.
+
+With canaries on (``RuleTarget.canary_sender``) it keeps a second one, ``rule_name`` +
+``-canaries``, right after the first in sequence: conditions ``headerContains``
+``X-Mailroute-Canary`` and ``fromAddresses`` the canary sender (both must hold, as all of an
+Outlook rule's conditions must), actions ``markAsRead``, ``delete`` and
+``stopProcessingRules``.  The forward rule, first, has already forwarded the canary; this one
+keeps it out of the inbox and away from the user's own rules.  ``delete`` moves it to Deleted
+Items; ``permanentDelete`` (documented as not saved to Deleted Items) is not used, so that a
+message that only looks like a canary (someone else's mail with that From and the header,
+forwarded like any other) stays where the user can get it back.  ``inspect``
+says ``present`` only when both rules are right; a missing, changed or misplaced canary rule
+``differs``.  With canaries off, a canary rule left from before also ``differs`` (as a Sieve
+script with the canary part does) and ``install`` deletes it.  ``remove`` deletes both.
+
+Graph documents the calls used here: mailFolder-list-messageRules,
+mailFolder-post-messageRules, messageRule-update, messageRule-delete and the messageRule,
+messageRulePredicates and messageRuleActions resources; the token request is the Microsoft
+identity platform's client-credentials flow.
 
 Fails with :class:`~ingest.forwarding_rules.RuleError`, whose message names the user, what was
 being done and Graph's or the identity platform's answer (code and message), plus the likely
@@ -36,6 +52,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ingest.forwarding_rules import Inspection, RuleError, RuleTarget
+from route.canary import CANARY_HEADER
 from shared.logs import one_line
 from shared.settings import RuleServerSettings
 
@@ -52,6 +69,10 @@ MAX_RETRIES = 3
 MAX_RETRY_WAIT = 60.0      # seconds; a longer Retry-After is cut to this
 # What a rule may carry besides forwardAsAttachmentTo and still be PATCHed into shape.
 PATCHABLE_ACTIONS = {"forwardAsAttachmentTo", "stopProcessingRules"}
+CANARY_RULE_SUFFIX = "-canaries"   # the canary rule's displayName is rule_name + this
+# What the canary rule may carry and still be PATCHed into shape.
+CANARY_CONDITIONS = {"headerContains", "fromAddresses"}
+CANARY_ACTIONS = {"markAsRead", "delete", "stopProcessingRules"}
 PERMISSION_HINT = ("the app registration needs the Microsoft Graph application permission "
                    "MailboxSettings.ReadWrite with admin consent (and, where an application "
                    "access policy limits the app, this mailbox in its scope)")
@@ -108,56 +129,80 @@ class GraphBackend:
     # ---- RuleBackend ------------------------------------------------------------------
 
     def inspect(self, target: RuleTarget) -> Inspection:
-        ours = self._our_rules(target)
-        if not ours:
+        rules = self._all_rules(target)
+        forward = _named(rules, self.server.rule_name)
+        canary = _named(rules, self.canary_rule_name)
+        if not forward and not canary:
             return Inspection("missing", f"no inbox rule named {self.server.rule_name!r}")
-        if len(ours) > 1:
-            return Inspection("differs", f"{len(ours)} inbox rules named "
-                                         f"{self.server.rule_name!r}")
-        problems = rule_problems(ours[0], target.forward_address)
+        problems: list[str] = []
+        if not forward:
+            problems.append(f"no inbox rule named {self.server.rule_name!r}")
+        elif len(forward) > 1:
+            problems.append(f"{len(forward)} inbox rules named {self.server.rule_name!r}")
+        else:
+            problems.extend(rule_problems(forward[0], target.forward_address))
+        problems.extend(self._canary_findings(target, rules, forward, canary))
         if problems:
             return Inspection("differs", "; ".join(problems))
-        return Inspection("present", f"inbox rule {self.server.rule_name!r} forwards every "
-                                     f"message as an attachment to {target.forward_address}")
+        detail = (f"inbox rule {self.server.rule_name!r} forwards every message as an "
+                  f"attachment to {target.forward_address}")
+        if target.canary_sender is not None:
+            detail += f"; {self.canary_rule_name!r} then deletes the canaries"
+        return Inspection("present", detail)
 
     def install(self, target: RuleTarget) -> None:
-        ours = sorted(self._our_rules(target),
-                      key=lambda rule: len(rule_problems(rule, target.forward_address)))
-        for extra in ours[1:]:
-            self._delete_rule(target, extra)
-        if not ours:
-            self._request("POST", self._rules_path(target), target, "creating the inbox rule",
-                          json=self._wanted_rule(target))
-            log.info("graph rules: created %s for %s", self.server.rule_name,
-                     one_line(target.login))
+        rules = self._all_rules(target)
+        if self._install_forward(target, _named(rules, self.server.rule_name)):
+            rules = self._all_rules(target)  # sequences move when a rule comes or goes
+        canary = _named(rules, self.canary_rule_name)
+        if target.canary_sender is None:
+            for leftover in canary:  # canaries are off: nothing for it to do
+                self._delete_rule(target, leftover, self.canary_rule_name)
+            if canary:
+                log.info("graph rules: removed %s from %s (canaries are off)",
+                         self.canary_rule_name, one_line(target.login))
             return
-        rule = ours[0]
-        if not rule_problems(rule, target.forward_address):
-            return
-        if _patchable(rule):
-            self._request("PATCH", self._rule_path(target, rule), target,
-                          "updating the inbox rule",
-                          json={"isEnabled": True, "actions": self._wanted_rule(target)["actions"]})
-            log.info("graph rules: updated %s for %s", self.server.rule_name,
-                     one_line(target.login))
-            return
-        # Conditions, exceptions or other actions: PATCH merges those, so start afresh.
-        self._delete_rule(target, rule)
-        self._request("POST", self._rules_path(target), target, "creating the inbox rule",
-                      json=self._wanted_rule(target))
-        log.info("graph rules: replaced %s for %s", self.server.rule_name,
-                 one_line(target.login))
+        self._install_canary(target, rules, target.canary_sender)
 
     def remove(self, target: RuleTarget) -> bool:
-        ours = self._our_rules(target)
+        rules = self._all_rules(target)
+        ours = [*_named(rules, self.server.rule_name), *_named(rules, self.canary_rule_name)]
         for rule in ours:
-            self._delete_rule(target, rule)
+            self._delete_rule(target, rule, str(rule.get("displayName")))
         if ours:
-            log.info("graph rules: removed %s from %s", self.server.rule_name,
+            log.info("graph rules: removed %s from %s",
+                     ", ".join(sorted({str(r.get("displayName")) for r in ours})),
                      one_line(target.login))
         return bool(ours)
 
-    # ---- rules ------------------------------------------------------------------------
+    # ---- the forward rule -------------------------------------------------------------
+
+    def _install_forward(self, target: RuleTarget, ours: list[dict[str, Any]]) -> bool:
+        """Makes mailroute's forward rule right; True when it wrote anything."""
+        name = self.server.rule_name
+        ours = sorted(ours, key=lambda rule: len(rule_problems(rule, target.forward_address)))
+        for extra in ours[1:]:
+            self._delete_rule(target, extra, name)
+        if not ours:
+            self._request("POST", self._rules_path(target), target, f"creating inbox rule "
+                          f"{name!r}", json=self._wanted_rule(target))
+            log.info("graph rules: created %s for %s", name, one_line(target.login))
+            return True
+        rule = ours[0]
+        if not rule_problems(rule, target.forward_address):
+            return len(ours) > 1
+        if _patchable(rule, set(), PATCHABLE_ACTIONS):
+            self._request("PATCH", self._rule_path(target, rule), target,
+                          f"updating inbox rule {name!r}",
+                          json={"isEnabled": True, "actions": self._wanted_rule(target)["actions"]})
+            log.info("graph rules: updated %s for %s", name, one_line(target.login))
+            return True
+        # Conditions, exceptions or other actions: PATCH merges those, so start afresh.
+        self._delete_rule(target, rule, name)
+        self._request("POST", self._rules_path(target), target, f"creating inbox rule {name!r}",
+                      json=self._wanted_rule(target))
+        log.info("graph rules: replaced %s for %s", name, one_line(target.login))
+        return True
 
     def _wanted_rule(self, target: RuleTarget) -> dict[str, Any]:
         return {
@@ -170,7 +215,81 @@ class GraphBackend:
             },
         }
 
-    def _our_rules(self, target: RuleTarget) -> list[dict[str, Any]]:
+    # ---- the canary rule --------------------------------------------------------------
+
+    @property
+    def canary_rule_name(self) -> str:
+        return f"{self.server.rule_name}{CANARY_RULE_SUFFIX}"
+
+    def _canary_findings(self, target: RuleTarget, rules: list[dict[str, Any]],
+                         forward: list[dict[str, Any]],
+                         canary: list[dict[str, Any]]) -> list[str]:
+        """What is wrong with the canary rule (or its absence), as inspect's detail."""
+        name = self.canary_rule_name
+        if target.canary_sender is None:
+            return [f"inbox rule {name!r} is there, but canaries are off (deploy deletes it)"
+                    ] if canary else []
+        if not canary:
+            return [f"no inbox rule named {name!r} (canaries would stay in the inbox)"]
+        if len(canary) > 1:
+            return [f"{len(canary)} inbox rules named {name!r}"]
+        problems = canary_rule_problems(canary[0], target.canary_sender)
+        if len(forward) == 1:
+            problems.extend(_order_problems(rules, forward[0], canary[0]))
+        return [f"inbox rule {name!r}: {problem}" for problem in problems]
+
+    def _install_canary(self, target: RuleTarget, rules: list[dict[str, Any]],
+                        sender: str) -> None:
+        name = self.canary_rule_name
+        forward = self._forward_rule(target, rules)
+        ours = sorted(_named(rules, name),
+                      key=lambda rule: len(canary_rule_problems(rule, sender)))
+        # A rule out of place is made afresh: where a PATCHed sequence lands is the
+        # server's choice, a new rule's is that of the rule it displaces.
+        keep = ours[0] if ours and _patchable(ours[0], CANARY_CONDITIONS, CANARY_ACTIONS) \
+            and not _order_problems(rules, forward, ours[0]) else None
+        doomed = [rule for rule in ours if rule is not keep]
+        for rule in doomed:
+            self._delete_rule(target, rule, name)
+        if keep is None:
+            if doomed:
+                forward = self._forward_rule(target, self._all_rules(target))
+            after = int(forward.get("sequence") or RULE_SEQUENCE) + 1
+            self._request("POST", self._rules_path(target), target,
+                          f"creating inbox rule {name!r}",
+                          json={"displayName": name, "sequence": after,
+                                **self._canary_rule_settings(sender)})
+            log.info("graph rules: %s %s for %s", "replaced" if doomed else "created", name,
+                     one_line(target.login))
+            return
+        if not canary_rule_problems(keep, sender):
+            return
+        self._request("PATCH", self._rule_path(target, keep), target,
+                      f"updating inbox rule {name!r}", json=self._canary_rule_settings(sender))
+        log.info("graph rules: updated %s for %s", name, one_line(target.login))
+
+    def _forward_rule(self, target: RuleTarget, rules: list[dict[str, Any]]) -> dict[str, Any]:
+        found = _named(rules, self.server.rule_name)
+        if len(found) != 1:  # changed by someone else meanwhile
+            raise RuleError(f"{target.login}: {len(found)} inbox rules named "
+                            f"{self.server.rule_name!r} just after writing it; run deploy again")
+        return found[0]
+
+    @staticmethod
+    def _canary_rule_settings(sender: str) -> dict[str, Any]:
+        """The canary rule's properties but its name and place (what a PATCH mends)."""
+        return {
+            "isEnabled": True,
+            "conditions": {
+                "headerContains": [CANARY_HEADER],
+                "fromAddresses": [{"emailAddress": {"address": sender}}],
+            },
+            "actions": {"markAsRead": True, "delete": True, "stopProcessingRules": True},
+        }
+
+    # ---- rules ------------------------------------------------------------------------
+
+    def _all_rules(self, target: RuleTarget) -> list[dict[str, Any]]:
         rules: list[dict[str, Any]] = []
         url: str | None = self._rules_path(target)
         while url:
@@ -178,12 +297,12 @@ class GraphBackend:
                               target, "reading the inbox rules")
             rules.extend(r for r in page.get("value", []) if isinstance(r, dict))
             url = page.get("@odata.nextLink")
-        return [r for r in rules if r.get("displayName") == self.server.rule_name]
+        return rules
 
-    def _delete_rule(self, target: RuleTarget, rule: dict[str, Any]) -> None:
+    def _delete_rule(self, target: RuleTarget, rule: dict[str, Any], name: str) -> None:
         with contextlib.suppress(_Gone):  # deleted meanwhile: what was wanted
             self._request("DELETE", self._rule_path(target, rule), target,
-                          "deleting the inbox rule")
+                          f"deleting inbox rule {name!r}")
 
     def _rules_path(self, target: RuleTarget) -> str:
         login = target.login
@@ -387,11 +506,71 @@ def rule_problems(rule: dict[str, Any], forward_address: str) -> list[str]:
     return problems
 
 
-def _patchable(rule: dict[str, Any]) -> bool:
-    """Whether a PATCH of isEnabled and actions brings ``rule`` into shape."""
+def canary_rule_problems(rule: dict[str, Any], sender: str) -> list[str]:
+    """What keeps ``rule`` from deleting (to Deleted Items), read, mailroute's canaries from
+    ``sender`` (the header *and* that From), and only those, and stopping the user's rules."""
+    problems = []
+    if rule.get("isEnabled") is not True:
+        problems.append("disabled")
+    if rule.get("hasError"):
+        problems.append("Exchange marks the rule in error")
+    conditions = rule.get("conditions") or {}
+    headers = {str(h).lower() for h in conditions.get("headerContains") or []}
+    if headers != {CANARY_HEADER.lower()}:
+        problems.append(f"headerContains is {sorted(headers) or 'empty'}, not "
+                        f"[{CANARY_HEADER!r}]")
+    senders = {str((r.get("emailAddress") or {}).get("address", "")).lower()
+               for r in conditions.get("fromAddresses") or [] if isinstance(r, dict)}
+    if senders != {sender.lower()}:
+        problems.append(f"fromAddresses is {', '.join(sorted(senders)) or 'empty'}, not "
+                        f"{sender}")
+    others = _given_keys(conditions, CANARY_CONDITIONS)
+    if others:
+        problems.append(f"has other conditions ({', '.join(others)})")
+    exceptions = _given_keys(rule.get("exceptions") or {}, set())
+    if exceptions:
+        problems.append(f"has exceptions ({', '.join(exceptions)})")
     actions = rule.get("actions") or {}
-    return not rule.get("hasError") and not any(
-        _set(v) for part in ("conditions", "exceptions")
-        for k, v in (rule.get(part) or {}).items() if not k.startswith("@")) and not any(
-        _set(v) for k, v in actions.items() if k not in PATCHABLE_ACTIONS
-        and not k.startswith("@"))
+    for name, missing in (("delete", "does not delete the canaries"),
+                          ("markAsRead", "does not mark the canaries read"),
+                          ("stopProcessingRules", "does not stop the user's other rules")):
+        if actions.get(name) is not True:
+            problems.append(missing)
+    others = _given_keys(actions, CANARY_ACTIONS)
+    if others:
+        problems.append(f"also has actions {', '.join(others)}")
+    return problems
+
+
+def _order_problems(rules: list[dict[str, Any]], forward: dict[str, Any],
+                    canary: dict[str, Any]) -> list[str]:
+    """Whether ``canary`` runs right after ``forward`` (no rule between them)."""
+    ordered = sorted(rules, key=lambda r: r.get("sequence") or 0)  # stable for equal ones
+    at_forward = next(i for i, r in enumerate(ordered) if r is forward)
+    at_canary = next(i for i, r in enumerate(ordered) if r is canary)
+    if at_canary < at_forward:
+        return [f"runs before {forward.get('displayName')!r}, so canaries would be deleted "
+                "without being forwarded"]
+    between = [repr(str(r.get("displayName"))) for r in ordered[at_forward + 1:at_canary]]
+    if between:
+        return [f"not right after {forward.get('displayName')!r} ({', '.join(between)} "
+                "run between them and may act on the canaries)"]
+    return []
+
+
+def _named(rules: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [r for r in rules if r.get("displayName") == name]
+
+
+def _given_keys(part: dict[str, Any], allowed: set[str]) -> list[str]:
+    """The predicates or actions set in ``part`` besides ``allowed`` (sorted)."""
+    return sorted(k for k, v in part.items()
+                  if k not in allowed and _set(v) and not k.startswith("@"))
+
+
+def _patchable(rule: dict[str, Any], conditions: set[str], actions: set[str]) -> bool:
+    """Whether a PATCH of isEnabled, the ``conditions`` and the ``actions`` brings ``rule``
+    into shape (a PATCH merges conditions and actions, so it cannot clear others)."""
+    return not rule.get("hasError") and not _given_keys(rule.get("exceptions") or {}, set()) \
+        and not _given_keys(rule.get("conditions") or {}, conditions) \
+        and not _given_keys(rule.get("actions") or {}, actions)

@@ -4,7 +4,9 @@
 HTTP server that answers as Graph and the identity platform document): install, inspect and
 remove; the user's own rules left alone; the token cached, renewed and refreshed on a 401;
 429 retried as Retry-After says; 403, 404, a wrong secret and an unreachable server as
-errors that name the problem and never the secret or the token.  The configurations are
+errors that name the problem and never the secret or the token.  With canaries on, a second
+rule deletes the canaries once forwarded, so that none stays in the inbox or reaches the
+user's own rules; the stand-in evaluates its conditions.  The configurations are
 YAML under pytest's base temporary directory, so the whole-run secret scan
 (tests/secret_scan.py) looks for the client secrets in every log and output.  Last, mail
 flows through the stand-in's rules into a Dovecot forward mailbox, and the pipeline (real
@@ -13,12 +15,14 @@ RabbitMQ and PostgreSQL) makes records for the users whose rules forwarded it.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.message
 import logging
 import socket
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,10 @@ import yaml
 from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
+from ingest.canary import build_canary, new_canary_id
 from ingest.forwarding_rules import RuleError, RuleTarget, rule_targets
 from ingest.graph_rules import MAX_RETRIES, GraphBackend, token_scope
+from persist.canaries import Canary
 from shared.cli import main
 from shared.settings import Settings, load_settings
 from tests import mailgen
@@ -75,8 +81,9 @@ def standin(tmp_path: Path) -> Iterator[GraphStandIn]:
         yield server
 
 
-def write_config(path: Path, standin: GraphStandIn, **server: Any) -> Settings:
-    config = {
+def write_config(path: Path, standin: GraphStandIn, canaries: dict[str, Any] | None = None,
+                 **server: Any) -> Settings:
+    config: dict[str, Any] = {
         "mailboxes": [{"name": "forward", "kind": "maildir", "path": str(path.parent / "fwd"),
                        "forward": True, "address": FORWARD}],
         "rule_servers": [{
@@ -87,6 +94,8 @@ def write_config(path: Path, standin: GraphStandIn, **server: Any) -> Settings:
         "users": [{"name": name, "address": address, "forward": "forward",
                    "rule": {"server": "m365"}} for name, address in USERS.items()],
     }
+    if canaries is not None:
+        config["canaries"] = canaries
     path.write_text(yaml.safe_dump(config))
     return load_settings(path)
 
@@ -319,6 +328,174 @@ def test_tls_is_verified_against_ca_file_unless_told_not_to(
     assert len(standin.issued) == 2
 
 
+# ---- canaries ------------------------------------------------------------------------
+
+CANARY_SENDER = "mailroute-canary@ops.corp.example.com"
+CANARY_RULE = "mailroute-forward-canaries"
+ARCHIVE_ALL = {  # a rule of bob's without conditions: it would act on every message
+    "displayName": "Archive everything", "isEnabled": True,
+    "actions": {"copyToFolder": "AAMkArchive", "markImportance": "low"}}
+
+
+def with_canaries(target: RuleTarget) -> RuleTarget:
+    return dataclasses.replace(target, canary_sender=CANARY_SENDER)
+
+
+def a_canary(address: str) -> bytes:
+    """A canary as ``ingest.canary`` builds it (From "mailroute canary <sender>", the header)."""
+    now = datetime.now(UTC)
+    return build_canary(Canary(
+        id=new_canary_id(), principal_kind="user", principal=address.partition("@")[0],
+        address=address, forward_mailbox="forward", sent_at=now,
+        deadline_at=now + timedelta(minutes=15), seen_at=None, outcome="sent", detail=None),
+        CANARY_SENDER)
+
+
+def names(standin: GraphStandIn, login: str) -> list[str]:
+    return [r["displayName"] for r in standin.rules(login)]
+
+
+def test_canaries_are_forwarded_then_deleted_before_the_users_own_rules(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    bob = with_canaries(targets["bob"])
+    standin.add_rule(bob.login, OWN_RULE)
+    standin.add_rule(bob.login, ARCHIVE_ALL)
+    own = standin.rules(bob.login)
+    assert backend.inspect(bob).state == "missing"
+    backend.install(bob)
+    assert names(standin, bob.login) == ["mailroute-forward", CANARY_RULE, "Newsletters",
+                                         "Archive everything"]
+    rule = standin.rules(bob.login)[1]
+    assert rule["conditions"] == {
+        "headerContains": ["X-Mailroute-Canary"],
+        "fromAddresses": [{"emailAddress": {"address": CANARY_SENDER}}]}
+    assert rule["actions"] == {"markAsRead": True, "delete": True, "stopProcessingRules": True}
+    assert rule["isEnabled"] is True
+    # The user's own rules are as they were, two places further down.
+    assert standin.rules(bob.login)[2:] == [{**r, "sequence": r["sequence"] + 2} for r in own]
+    found = backend.inspect(bob)
+    assert found.state == "present" and CANARY_RULE in found.detail
+    writes = len([r for r in standin.graph_requests() if r.method != "GET"])
+    backend.install(bob)
+    assert len([r for r in standin.graph_requests() if r.method != "GET"]) == writes == 2
+
+    canary = a_canary(bob.address)
+    forged = b"X-Mailroute-Canary: c4n4ry-1d-0f-22-chars\r\n" + mailgen.message(
+        "someone@example.net", [bob.address], "about the project", ".",
+        message_id="<forged@example.net>")
+    from_sender = mailgen.message(CANARY_SENDER, [bob.address], "a word from operations",
+                                  ".", message_id="<ops-1@corp.example.com>")
+    sent = [standin.deliver(bob.login, raw) for raw in (canary, forged, from_sender)]
+    # Each is forwarded once, as an attachment, to the forward mailbox.
+    assert [[to for to, _ in each] for each in sent] == [[FORWARD], [FORWARD], [FORWARD]]
+    user = standin.user(bob.login)
+    assert user.deleted_items == [canary]               # not in the inbox
+    assert user.inbox == [forged, from_sender]          # the header alone, or the From alone
+    assert user.folders == {"AAMkArchive": [forged, from_sender]}
+    canary_id = email.message_from_bytes(canary)["Message-ID"]
+    assert [rule for message, rule in user.ran if message == canary_id] == [
+        "mailroute-forward", CANARY_RULE]               # no rule of the user's saw it
+    assert [rule for message, rule in user.ran if message == "<forged@example.net>"] == [
+        "mailroute-forward", "Archive everything"]
+
+
+CANARY_BROKEN: dict[str, tuple[Any, str, str]] = {
+    "deleted": (None, f"no inbox rule named {CANARY_RULE!r}", "POST"),
+    "disabled": ({"isEnabled": False}, "disabled", "PATCH"),
+    "another sender": ({"conditions": {"fromAddresses": [
+        {"emailAddress": {"address": "someone@example.net"}}]}},
+        "fromAddresses is someone@example.net", "PATCH"),
+    "no header": ({"conditions": {"headerContains": []}}, "headerContains is empty", "PATCH"),
+    "keeps them": ({"actions": {"delete": False}}, "does not delete the canaries", "PATCH"),
+    "permanent": ({"actions": {"permanentDelete": True}}, "also has actions permanentDelete",
+                  "POST"),
+    "exceptions": ({"exceptions": {"subjectContains": ["canary"]}},
+                   "has exceptions (subjectContains)", "POST"),
+    "first": ({"sequence": 0}, "runs before 'mailroute-forward'", "POST"),
+    "after the user's": ({"sequence": 5}, "'Newsletters' run between them", "POST"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CANARY_BROKEN))
+def test_a_changed_canary_rule_differs_and_install_mends_it(
+        case: str, standin: GraphStandIn, backend: GraphBackend,
+        targets: dict[str, RuleTarget]) -> None:
+    change, detail, mended_by = CANARY_BROKEN[case]
+    bob = with_canaries(targets["bob"])
+    standin.add_rule(bob.login, OWN_RULE)
+    backend.install(bob)
+    user = standin.user(bob.login)
+    rule = next(r for r in user.rules if r["displayName"] == CANARY_RULE)
+    if change is None:
+        user.rules.remove(rule)
+    for name, value in (change or {}).items():  # changed in Outlook
+        rule[name] = {**rule.get(name, {}), **value} if isinstance(value, dict) else value
+    found = backend.inspect(bob)
+    assert found.state == "differs" and detail in found.detail, found.detail
+    written = len(standin.graph_requests())
+    backend.install(bob)
+    assert backend.inspect(bob).state == "present"
+    assert mended_by in [r.method for r in standin.graph_requests()[written:]]
+    assert names(standin, bob.login) == ["mailroute-forward", CANARY_RULE, "Newsletters"]
+    canary = a_canary(bob.address)
+    assert [to for to, _ in standin.deliver(bob.login, canary)] == [FORWARD]
+    assert user.deleted_items == [canary] and user.inbox == []
+
+
+def test_a_canary_rule_left_when_canaries_are_off_differs_and_install_deletes_it(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    bob = targets["bob"]
+    assert bob.canary_sender is None
+    backend.install(with_canaries(bob))
+    found = backend.inspect(bob)
+    assert found.state == "differs" and "canaries are off" in found.detail
+    backend.install(bob)
+    assert names(standin, bob.login) == ["mailroute-forward"]
+    assert backend.inspect(bob).state == "present"
+    # And the other way: a plain rule lacks the canary rule once canaries are on.
+    found = backend.inspect(with_canaries(bob))
+    assert found.state == "differs" and "canaries would stay in the inbox" in found.detail
+
+
+def test_remove_deletes_both_rules_and_a_canary_rule_alone_is_not_missing(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    bob = with_canaries(targets["bob"])
+    standin.add_rule(bob.login, OWN_RULE)
+    backend.install(bob)
+    assert backend.remove(targets["bob"]) is True   # whether canaries are on or not
+    assert names(standin, bob.login) == ["Newsletters"]
+    assert backend.remove(bob) is False
+    backend.install(bob)
+    user = standin.user(bob.login)
+    user.rules.remove(next(r for r in user.rules if r["displayName"] == "mailroute-forward"))
+    found = backend.inspect(bob)   # canaries deleted unforwarded: not "missing", "differs"
+    assert found.state == "differs" and "no inbox rule named 'mailroute-forward'" in found.detail
+    assert backend.remove(bob) is True and names(standin, bob.login) == ["Newsletters"]
+
+
+def test_mailroute_rules_with_canaries_on_keeps_both_rules(
+        tmp_path: Path, standin: GraphStandIn) -> None:
+    config = tmp_path / "mailroute.yaml"
+    write_config(config, standin)
+
+    def rules(*args: str) -> Any:
+        return CliRunner().invoke(main, ["-c", str(config), "rules", *args],
+                                  catch_exceptions=False)
+
+    assert rules("deploy").exit_code == 0
+    write_config(config, standin, canaries={
+        "enabled": True, "delivery_url": "smtp://127.0.0.1:25", "sender": CANARY_SENDER})
+    audit = rules("check")   # rules deployed before canaries were turned on
+    assert audit.exit_code == 1 and "2 user(s): 2 differs" in audit.output, audit.output
+    mended = rules("deploy")
+    assert mended.exit_code == 0 and "2 changed" in mended.output, mended.output
+    assert rules("check").exit_code == 0
+    assert names(standin, USERS["carol"]) == ["mailroute-forward", CANARY_RULE]
+    gone = rules("remove")
+    assert gone.exit_code == 0 and "2 removed" in gone.output
+    assert standin.rules(USERS["bob"]) == standin.rules(USERS["carol"]) == []
+
+
 # ---- token ----------------------------------------------------------------------------
 
 
@@ -457,7 +634,8 @@ def test_an_unreachable_server_is_named(tmp_path: Path, standin: GraphStandIn,
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     for where in ("authority_url", "graph_url"):
-        settings = write_config(tmp_path / f"{where}.yaml", standin, **{where: closed})
+        options: dict[str, Any] = {where: closed}
+        settings = write_config(tmp_path / f"{where}.yaml", standin, **options)
         with GraphBackend(settings.rule_server("m365")) as backend:
             message = failure(backend.inspect, targets["bob"])
         assert "cannot reach" in message and closed.removeprefix("http://") in message
