@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what mailroute's tests need on a Debian 12 machine (run as root).
 #
-#   - Dovecot (dovecot-imapd, dovecot-pop3d): installed only; the tests start their own
+#   - Dovecot (dovecot-imapd, dovecot-pop3d, and for the forwarding-rule tests Pigeonhole's
+#     dovecot-managesieved, dovecot-sieve and dovecot-lmtpd): installed only; the tests start their own
 #     instances on free ports, so a system Dovecot that the install started is stopped again.
 #   - RabbitMQ: installed and started when nothing listens on 127.0.0.1:5672; the plugins
 #     rabbitmq_management and rabbitmq_prometheus are always made sure of, and the management
@@ -106,7 +107,8 @@ stop_system_dovecot() {
 }
 
 setup_dovecot() {
-    if apt_install dovecot-imapd dovecot-pop3d; then
+    if apt_install dovecot-imapd dovecot-pop3d dovecot-managesieved dovecot-sieve dovecot-lmtpd
+    then
         stop_system_dovecot
     fi
 }

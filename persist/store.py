@@ -559,19 +559,53 @@ class EmailStore:
 
     def list_emails(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest emails first (no bodies), each with its number of deliveries."""
+        emails = self._tables.emails
+        return self._all(self._summaries().order_by(emails.c.id.desc()).limit(limit))
+
+    def _summaries(self) -> Any:
+        """The columns of an email in a list (no bodies), with its number of deliveries."""
         emails, deliveries = self._tables.emails, self._tables.deliveries
         delivery_count = (
             select(func.count()).where(deliveries.c.email_id == emails.c.id).scalar_subquery()
         )
-        query = (
-            select(emails.c.id, emails.c.dedup_key, emails.c.message_id, emails.c.subject,
-                   emails.c.sent_at, emails.c.from_address, emails.c.size,
-                   emails.c.first_seen_at, emails.c.tracked, emails.c.correlation_method,
-                   emails.c.thread_id, emails.c.rule, delivery_count.label("deliveries"))
-            .order_by(emails.c.id.desc())
-            .limit(limit)
-        )
-        return self._all(query)
+        return select(emails.c.id, emails.c.dedup_key, emails.c.message_id, emails.c.subject,
+                      emails.c.sent_at, emails.c.from_address, emails.c.size,
+                      emails.c.first_seen_at, emails.c.tracked, emails.c.correlation_method,
+                      emails.c.thread_id, emails.c.rule, delivery_count.label("deliveries"))
+
+    def search_emails(self, text: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Emails whose Message-ID is ``text`` (with or without <>), or whose subject, sender
+        or any party's or delivery's address contains it (case-insensitive); newest first,
+        the same columns as :meth:`list_emails`."""
+        emails, parties = self._tables.emails, self._tables.parties
+        deliveries = self._tables.deliveries
+        text = text.strip()
+        if not text:
+            return self.list_emails(limit)
+        pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%") \
+            .replace("_", "\\_") + "%"
+
+        def contains(column: Any) -> Any:
+            return func.lower(column).like(pattern, escape="\\")
+
+        message_id = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+        matching = (
+            (emails.c.message_id == message_id) | contains(emails.c.subject)
+            | contains(emails.c.from_address)
+            | emails.c.id.in_(select(parties.c.email_id).where(contains(parties.c.address)))
+            | emails.c.id.in_(select(deliveries.c.email_id)
+                              .where(contains(deliveries.c.address))))
+        return self._all(self._summaries().where(matching).order_by(emails.c.id.desc())
+                         .limit(limit))
+
+    def count_emails(self, since: datetime | None = None) -> int:
+        """Emails stored (first seen at or after ``since``, when given)."""
+        emails = self._tables.emails
+        query = select(func.count()).select_from(emails)
+        if since is not None:
+            query = query.where(emails.c.first_seen_at >= since)
+        with translate_errors(), self._engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
 
     def email(self, email_id: int) -> dict[str, Any] | None:
         """One email row with its bodies, or None."""

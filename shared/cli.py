@@ -1,8 +1,9 @@
 """The ``mailroute`` command: the entry point that loads the settings once and wires stages.
 
 Takes the command line (and ``MAILROUTE_CONFIG`` / ``MAILROUTE_*`` from the environment); runs
-all four stages in one process (``run``), one stage per process (``worker STAGE``), the
-database migrations (``db upgrade``) or prints the fleet's state (``status``).  Fails with a
+all four stages in one process (``run``, with the operations page), one stage per process
+(``worker STAGE``), the database migrations (``db upgrade``) or prints the fleet's state
+(``status``); the operations page alone is ``web`` (shared/cli_web.py).  Fails with a
 one-line error naming the problem and exit status 2 on a bad configuration, 1 when a server
 it needs cannot be reached; never with a traceback for those.
 """
@@ -26,7 +27,9 @@ from shared.cli_emails import emails
 from shared.cli_mailbox import fleet_lines, mailbox, secret
 from shared.cli_parse import parse_command
 from shared.cli_replay import replay
+from shared.cli_rules import rules
 from shared.cli_support import Context, MailrouteGroup, connect_or_fail, open_engine, safe_url
+from shared.cli_web import WebServer, web
 from shared.metrics import Metrics, MetricsServer
 from shared.queue_metrics import watch_queue_depths
 from shared.runtime import StageRunner
@@ -152,7 +155,8 @@ def run(obj: Context) -> None:
     """Run all four stages in this process until Ctrl-C (the embedded default).
 
     Applies database migrations, declares the queues, polls every configured mailbox and
-    prints a line whenever new records are created.
+    prints a line whenever new records are created.  Serves the operations page too (its
+    address is printed; web.enabled: false turns it off).
     """
     settings = obj.load()
     engine = connect_or_fail("database", lambda: open_engine(settings))
@@ -167,6 +171,7 @@ def run(obj: Context) -> None:
             runners.append(StageRunner(stage, settings, broker, metrics, stop))
         server = _metrics_server(settings, metrics, 0,
                                  lambda: [r.is_ready for r in runners])
+        page = _web_server(settings, engine, metrics)
         targets = {r.stage.name: r.run for r in runners}
         targets["ingest"] = _ingest_target(settings, broker, engine, metrics, stop)
         targets["report"] = _record_reporter(engine, stop)
@@ -178,7 +183,21 @@ def run(obj: Context) -> None:
         finally:
             if server:
                 server.stop()
+            if page:
+                page.stop()
     click.echo("mailroute stopped")
+
+
+def _web_server(settings: Settings, engine: Any, metrics: Metrics) -> WebServer | None:
+    """The operations page in this process, reading this process's own metrics."""
+    if not settings.web.enabled:
+        return None
+    from shared.web.metrics_window import registry_source
+
+    page = WebServer(settings, engine, settings.web.host, settings.web.port,
+                     sources=[registry_source(metrics.registry)]).start()
+    click.echo(f"mailroute web: {page.url}")
+    return page
 
 
 def _record_reporter(engine: Any, stop: threading.Event) -> Callable[[], None]:
@@ -301,6 +320,8 @@ main.add_command(emails)
 main.add_command(directory)
 main.add_command(mailbox)
 main.add_command(secret)
+main.add_command(rules)
+main.add_command(web)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,12 +11,13 @@ mailbox, 1 when a server cannot be reached or refuses the login; never prints a 
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from shared.cli_support import ConfigProblem, Context, connect_or_fail, open_engine
+from shared.fleet_ops import MailboxTestFailed, check_mailbox, fleet_rows
+from shared.fleet_ops import enable_mailbox as enable
 from shared.secrets import Keyring, SecretError
 from shared.settings import MailboxSettings, Settings
 
@@ -44,34 +45,14 @@ def list_mailboxes(obj: Context) -> None:
 
 def fleet_lines(settings: Settings, engine: Any) -> list[str]:
     """The fleet table shown by ``mailbox list`` and ``status``."""
-    from persist.mailbox_leases import LeaseStore
-    from persist.mailbox_state import MailboxStateStore
-
-    states = {(s.mailbox, s.folder): s for s in MailboxStateStore(engine).all_states()}
-    leases = {lease.mailbox: lease for lease in LeaseStore(engine).all()}
-    now = datetime.now(UTC)
     lines = [f"{'MAILBOX':<20} {'KIND':<7} {'STATUS':<9} {'FAIL':>4} {'LAST SUCCESS':<20} "
              f"{'POLLED BY':<24} {'NEXT DUE':<9} LAST ERROR"]
-    for box in settings.mailboxes:
-        state = states.get((box.name, box.folder))
-        lease = leases.get(box.name)
-        status = state.status if state else "not-run"
-        if lease is not None and lease.disabled_reason:
-            status = "disabled"
-        success = state.last_success_at.strftime("%Y-%m-%d %H:%M:%S") \
-            if state and state.last_success_at else "-"
-        owner = "-"
-        due = "-"
-        if lease is not None:
-            if lease.owner and lease.lease_until and lease.lease_until >= now:
-                owner = lease.owner + (" (idle)" if box.push else "")
-            seconds = (lease.due_at - now).total_seconds()
-            due = "now" if seconds <= 0 else f"{seconds:.0f}s"
-        error = (lease.disabled_reason if lease is not None and lease.disabled_reason
-                 else (state.last_error if state and status == "failing" else "")) or ""
-        failures = state.consecutive_failures if state else 0
-        lines.append(f"{box.name:<20} {box.kind:<7} {status:<9} {failures:>4} {success:<20} "
-                     f"{owner[:24]:<24} {due:<9} {error[:120]}")
+    for row in fleet_rows(settings, engine):
+        success = row.last_success_at.strftime("%Y-%m-%d %H:%M:%S") \
+            if row.last_success_at else "-"
+        due = "-" if row.due_in is None else "now" if row.due_in <= 0 else f"{row.due_in:.0f}s"
+        lines.append(f"{row.name:<20} {row.kind:<7} {row.status:<9} {row.failures:>4} "
+                     f"{success:<20} {row.owner[:24]:<24} {due:<9} {row.error[:120]}")
     return lines
 
 
@@ -83,31 +64,12 @@ def test_mailbox(obj: Context, name: str) -> None:
 
     Exit status 0 when it works, 1 when the server cannot be reached or refuses the login.
     """
-    from ingest.errors import MailboxError
-    from ingest.imap_source import ImapSource
-    from ingest.maildir_source import MaildirSource
-    from ingest.pop3_source import Pop3Source
-
     settings = obj.load()
     box = _box(settings, name)
     try:
-        if box.kind == "maildir":
-            with MaildirSource(box) as maildir:
-                count = sum(len(b.messages) for b in maildir.batches())
-            click.echo(f"ok: {box.name}: Maildir {box.path}: {count} new message(s)")
-            return
-        profile = settings.server(box.server or "")
-        where = f"{profile.host}:{profile.port} ({profile.tls}" + \
-            (", certificate NOT verified)" if not profile.verify_tls else ")")
-        source = ImapSource(box, profile) if box.kind == "imap" else \
-            Pop3Source(box, profile, set())
-        with source:
-            summary = source.summary()
-    except MailboxError as exc:
-        raise click.ClickException(f"{box.name}: {exc}") from None
-    auth = profile.auth if not profile.master_user else f"master user ({profile.master_mode})"
-    click.echo(f"ok: {box.name}: connected to {where}, logged in as {box.username!r} "
-               f"with {auth}, {summary}")
+        click.echo(check_mailbox(settings, box))
+    except MailboxTestFailed as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @mailbox.command("enable")
@@ -115,22 +77,10 @@ def test_mailbox(obj: Context, name: str) -> None:
 @click.pass_obj
 def enable_mailbox(obj: Context, name: str) -> None:
     """Poll mailbox NAME again (after it was disabled: refused login, UIDVALIDITY resets)."""
-    from persist.mailbox_leases import LeaseStore
-    from persist.mailbox_state import MailboxStateStore
-
     settings = obj.load()
     box = _box(settings, name)
     engine = connect_or_fail("database", lambda: open_engine(settings))
-    leases = LeaseStore(engine)
-    leases.ensure([box.name])
-    lease = leases.get(box.name)
-    was = lease.disabled_reason if lease else None
-    leases.enable(box.name)
-    MailboxStateStore(engine).mark_enabled(box.name)
-    if was:
-        click.echo(f"{box.name}: enabled (was disabled: {was}); due now")
-    else:
-        click.echo(f"{box.name}: was not disabled; due now")
+    click.echo(enable(settings, engine, box.name))
 
 
 @click.group("secret")

@@ -99,6 +99,21 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The operations page (``mailroute web``, also started by ``mailroute run``)."""
+
+    enabled: bool = True  # whether ``mailroute run`` starts it
+    host: str = "127.0.0.1"
+    port: int = 8025  # 0: any free port (the address printed at start tells which)
+    # Without it the page is read-only for everyone; with it, a login with this token allows
+    # the actions (mailbox test and enable, dead-letter retry and purge).
+    admin_token: Secret | None = field(default=None, repr=False)
+    # The workers' /metrics URLs to read the stage counters from; empty: derived from
+    # metrics.host and metrics.base_port (+0..3, one per worker kind).
+    metrics_urls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LimitSettings:
     max_message_bytes: int = 50 * 1024 * 1024
     max_header_bytes: int = 1024 * 1024
@@ -371,6 +386,7 @@ class Settings:
     secrets: SecretSettings = SecretSettings()
     rule_servers: tuple[RuleServerSettings, ...] = ()
     canaries: CanarySettings = CanarySettings()
+    web: WebSettings = WebSettings()
 
     def interval_of(self, box: MailboxSettings) -> float:
         """The mailbox's own interval, else its server profile's, else 60 s."""
@@ -521,6 +537,8 @@ def _decrypt_secrets(settings: Settings) -> Settings:
     encrypted += [secret for r in settings.rule_servers
                   for secret in (r.admin_password, r.client_secret)
                   if secret and secret.is_encrypted]
+    if settings.web.admin_token and settings.web.admin_token.is_encrypted:
+        encrypted.append(settings.web.admin_token)
     encrypted += [u.rule.password for u in settings.users
                   if u.rule and u.rule.password and u.rule.password.is_encrypted]
     if not encrypted:
@@ -550,8 +568,10 @@ def _decrypt_secrets(settings: Settings) -> Settings:
     users = tuple(u if u.rule is None else dataclasses.replace(u, rule=dataclasses.replace(
         u.rule, password=opened(u.rule.password, f"users.{u.name}.rule.password")))
         for u in settings.users)
+    web = dataclasses.replace(settings.web, admin_token=opened(settings.web.admin_token,
+                                                               "web.admin_token"))
     return dataclasses.replace(settings, mailboxes=boxes, servers=servers,
-                               rule_servers=rule_servers, users=users)
+                               rule_servers=rule_servers, users=users, web=web)
 
 
 def _validate(settings: Settings) -> None:
@@ -641,6 +661,25 @@ def _validate(settings: Settings) -> None:
                     raise ConfigError(f"{where}.forward: no forward mailbox named {p.forward!r}")
     _validate_forwarding_rules(settings)
     _validate_records(settings)
+    _validate_web(settings.web)
+
+
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+def _validate_web(web: WebSettings) -> None:
+    if not 0 <= web.port <= 65535:
+        raise ConfigError(f"web.port: {web.port} is not a TCP port (0-65535; 0 takes any "
+                          "free port)")
+    if not web.host:
+        raise ConfigError("web.host: an address to listen on is needed (e.g. 127.0.0.1)")
+    if web.admin_token is not None and len(web.admin_token.reveal()) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ConfigError(f"web.admin_token: must be at least {MIN_ADMIN_TOKEN_LENGTH} "
+                          "characters (make one with `python3 -c 'import secrets; "
+                          "print(secrets.token_urlsafe(24))'`)")
+    for url in web.metrics_urls:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ConfigError(f"web.metrics_urls: {url!r} is not an http(s) URL")
 
 
 def _validate_forwarding_rules(settings: Settings) -> None:

@@ -4,7 +4,13 @@ Takes nothing but the machine's ``/usr/sbin/dovecot`` (Debian's dovecot-imapd/-p
 for TLS, the ``openssl`` command; gives :class:`DovecotServer`, which listens on 127.0.0.1 free
 ports for IMAP (plain, STARTTLS allowed), IMAPS and POP3 with a self-signed certificate for
 ``localhost``/``127.0.0.1`` (``cert_path`` is its own CA file), a passwd-file of users that
-tests add at any time, and ``doveadm`` bound to this instance.  Also :func:`dovecot_fixture`,
+tests add at any time, and ``doveadm`` bound to this instance.  With ``sieve=True`` also
+Pigeonhole: ManageSieve on ``sieve_port`` and LMTP on ``lmtp_port``, where each user's active
+Sieve script (``~/sieve``, active ``~/.dovecot.sieve``) runs on delivery and ``redirect``
+hands mail back to this server's LMTP (see ``_write_sendmail``); master users
+(:meth:`DovecotServer.add_master_user`) log in to ManageSieve as any user with SASL PLAIN's
+authzid.  With ``sieve=True`` users are found by the local part of a login
+(``alice@corp.example.com`` is alice).  Also :func:`dovecot_fixture`,
 a pytest fixture factory.  Fails with :class:`DovecotError` (with the end of Dovecot's log)
 when the server does not start or a doveadm command fails.  Usable without pytest.
 
@@ -12,6 +18,10 @@ when the server does not start or a doveadm command fails.  Usable without pytes
         dovecot.add_user("alice", "secret")
         uid = dovecot.deliver("alice", b"Subject: hi\\r\\n\\r\\nbody\\r\\n")
         profile = dovecot.server_profile("local")   # a shared.settings.ServerProfile
+
+    with DovecotServer(sieve=True) as dovecot:
+        dovecot.add_user("alice", "secret")
+        dovecot.deliver_lmtp("alice@corp.example.com", raw)   # runs alice's Sieve script
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import smtplib
 import socket
 import subprocess
 import tempfile
@@ -30,7 +41,8 @@ from typing import Any
 
 from imapclient import IMAPClient
 
-from shared.settings import ServerProfile, TlsMode
+from shared.secrets import Secret
+from shared.settings import RuleServerSettings, ServerProfile, TlsMode
 
 DOVECOT = "/usr/sbin/dovecot"
 DOVEADM = "/usr/bin/doveadm"
@@ -52,7 +64,7 @@ def _accepts(port: int) -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             # A login process answers with a greeting once it is really serving.
             sock.settimeout(2.0)
-            return sock.recv(64).startswith((b"* OK", b"+OK"))
+            return sock.recv(64).startswith((b"* OK", b"+OK", b'"IMPLEMENTATION"', b"220 "))
     except OSError:
         return False
 
@@ -61,8 +73,10 @@ class DovecotServer:
     """One private Dovecot instance; start() / stop(), or use it as a context manager."""
 
     def __init__(self, *, tls: bool = True, root: str | Path | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", sieve: bool = False) -> None:
         self.extra_config = extra_config  # appended to the generated dovecot.conf
+        # Pigeonhole: ManageSieve on sieve_port, LMTP with Sieve on lmtp_port.
+        self.sieve = sieve
         self.root = Path(tempfile.mkdtemp(prefix="mailroute-dovecot-", dir=root))
         self.tls = tls and shutil.which("openssl") is not None
         self.config_path = self.root / "dovecot.conf"
@@ -75,6 +89,8 @@ class DovecotServer:
         self.imap_port = _free_port()
         self.imaps_port = _free_port() if self.tls else 0
         self.pop3_port = _free_port()
+        self.sieve_port = _free_port() if sieve else 0
+        self.lmtp_port = _free_port() if sieve else 0
         self._passwords: dict[str, str] = {}
         self._process: subprocess.Popen[bytes] | None = None
         # Dovecot's unprivileged login processes must be able to reach base_dir.
@@ -91,6 +107,8 @@ class DovecotServer:
         self.masters_path.write_text("")
         if self.tls:
             self._make_certificate()
+        if sieve:
+            self._write_sendmail()
         self.config_path.write_text(self._config())
 
     # ---- life cycle -------------------------------------------------------------------
@@ -103,7 +121,8 @@ class DovecotServer:
             [DOVECOT, "-F", "-c", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT
-        ports = [p for p in (self.imap_port, self.imaps_port, self.pop3_port) if p]
+        ports = [p for p in (self.imap_port, self.imaps_port, self.pop3_port,
+                             self.sieve_port, self.lmtp_port) if p]
         waiting = list(ports)
         while waiting:
             if self._process.poll() is not None:
@@ -165,7 +184,8 @@ class DovecotServer:
         # The master is gone; wait until its ports are free again so restart() can bind them.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-                _accepts_tcp(p) for p in (self.imap_port, self.pop3_port)):
+                _accepts_tcp(p) for p in (self.imap_port, self.pop3_port, self.sieve_port,
+                                          self.lmtp_port) if p):
             time.sleep(0.05)
 
     def __enter__(self) -> DovecotServer:
@@ -176,17 +196,19 @@ class DovecotServer:
 
     # ---- users and mail ---------------------------------------------------------------
 
-    def add_user(self, name: str, password: str) -> None:
+    def add_user(self, name: str, password: str, userdb_fields: str = "") -> None:
         """Add a user, before or after start.
 
         One passwd-file per user: Dovecot checks a passwd-file for changes at most once a
-        second, but opens a user's file it has never seen at once.
+        second, but opens a user's file it has never seen at once.  ``userdb_fields`` are
+        the passwd-file's extra fields, e.g. ``userdb_sieve_quota_max_scripts=1``.
         """
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"unusable user name {name!r}")
         self._passwords[name] = password
         home = self.mail_root / name
-        line = f"{name}:{{PLAIN}}{password}:{self._mail_uid}:{self._mail_gid}::{home}::\n"
+        line = (f"{name}:{{PLAIN}}{password}:{self._mail_uid}:{self._mail_gid}::{home}::"
+                f"{userdb_fields}\n")
         target = self.passwd_dir / name.lower()  # the config looks up %Lu
         tmp = self.passwd_dir / f".{name}.tmp"
         tmp.write_text(line)
@@ -228,6 +250,47 @@ class DovecotServer:
             raise DovecotError(f"APPEND gave no APPENDUID: {text}")
         return int(text.split("APPENDUID", 1)[1].split("]", 1)[0].split()[1])
 
+    def deliver_lmtp(self, recipient: str, raw: bytes,
+                     sender: str = "sender@example.org") -> None:
+        """Hand ``raw`` to LMTP for ``recipient`` (an address: ``alice@any.domain`` is alice),
+        so that the user's active Sieve script runs on it (``sieve=True`` only)."""
+        if not self.lmtp_port:
+            raise DovecotError("this DovecotServer was started without sieve=True")
+        with smtplib.LMTP(self.host, self.lmtp_port) as lmtp:
+            refused = lmtp.sendmail(sender, [recipient], raw)
+        if refused:
+            raise DovecotError(f"LMTP refused {recipient}: {refused}")
+
+    def wait_for_mail(self, user: str, count: int, folder: str = "INBOX",
+                      timeout: float = 10.0) -> list[int]:
+        """The UIDs in ``folder`` once there are at least ``count`` (redirects arrive a moment
+        after the LMTP delivery that caused them); raises DovecotError at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            uids = self.uids(user, folder)
+            if len(uids) >= count or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if len(uids) < count:
+            raise DovecotError(f"{user}/{folder} has {len(uids)} message(s), expected "
+                               f"{count}\n{self.log_tail()}")
+        return uids
+
+    def sieve_scripts(self, user: str) -> dict[str, str]:
+        """The user's Sieve scripts by name, read from disk (``sieve=True`` only)."""
+        folder = self.mail_root / user / "sieve"
+        if not folder.is_dir():
+            return {}
+        return {path.name.removesuffix(".sieve"): path.read_text()
+                for path in folder.glob("*.sieve")}
+
+    def active_sieve(self, user: str) -> str | None:
+        """The name of the user's active Sieve script, or None."""
+        link = self.mail_root / user / ".dovecot.sieve"
+        if not link.is_symlink():
+            return None
+        return Path(os.readlink(link)).name.removesuffix(".sieve")
+
     def uids(self, user: str, folder: str = "INBOX") -> list[int]:
         with self.client(user, folder) as imap:
             return sorted(int(u) for u in imap.search("ALL"))
@@ -268,6 +331,21 @@ class DovecotServer:
         return ServerProfile(name=name, host=self.host, port=port, tls=tls, ca_file=ca_file,
                              timeout=10.0)
 
+    def rule_server(self, name: str = "sieve", tls: TlsMode = "none",
+                    admin_user: str | None = None,
+                    admin_password: str | None = None) -> RuleServerSettings:
+        """A ManageSieve RuleServerSettings for this server (``sieve=True`` only); give a
+        master user (:meth:`add_master_user`) as ``admin_user`` to log in as any user."""
+        if not self.sieve_port:
+            raise DovecotError("this DovecotServer was started without sieve=True")
+        if tls != "none" and not self.tls:
+            raise DovecotError("this DovecotServer was started without TLS")
+        return RuleServerSettings(
+            name=name, kind="managesieve", host=self.host, port=self.sieve_port, tls=tls,
+            ca_file=str(self.cert_path) if tls != "none" else None, timeout=10.0,
+            admin_user=admin_user,
+            admin_password=Secret(admin_password) if admin_password is not None else None)
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -307,7 +385,7 @@ class DovecotServer:
             ssl, imaps = "ssl = no\n", ""
         return f"""\
 # Generated by tests/dovecot.py for one test run.
-protocols = imap pop3
+protocols = imap pop3{" sieve lmtp" if self.sieve else ""}
 listen = 127.0.0.1
 instance_name = {r.name}
 base_dir = {r}/run
@@ -363,7 +441,58 @@ namespace inbox {{
   inbox = yes
   separator = /
 }}
-{self.extra_config}
+{self._sieve_config() if self.sieve else ""}{self.extra_config}
+"""
+
+
+    def _write_sendmail(self) -> None:
+        """The ``sendmail`` Sieve's redirect runs: hands the message to this Dovecot's LMTP.
+
+        Pigeonhole's other route, ``submission_host``, speaks SMTP (EHLO), which Dovecot's
+        own LMTP service refuses (tried: "500 5.5.1 Unknown command" at RCPT).  Calling
+        ``dovecot-lda`` here would probably work too (not tried); handing the message back
+        to LMTP keeps one delivery path.  Dovecot runs this as the mail user with ``-i -f
+        <sender> -- <recipients>``; it uses only the standard library of the system's Python.
+        """
+        script = self.root / "sendmail"
+        script.write_text(f"""#!/usr/bin/python3
+import smtplib, sys
+args = sys.argv[1:]
+sender = args[args.index("-f") + 1] if "-f" in args else ""
+recipients = args[args.index("--") + 1:] if "--" in args else [a for a in args if a[:1] != "-"]
+with smtplib.LMTP("127.0.0.1", {self.lmtp_port}) as lmtp:
+    refused = lmtp.sendmail(sender, recipients, sys.stdin.buffer.read())
+sys.exit(1 if refused else 0)
+""")
+        script.chmod(0o755)
+
+    def _sieve_config(self) -> str:
+        return f"""\
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {self.sieve_port}
+  }}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.lmtp_port}
+  }}
+}}
+protocol lmtp {{
+  mail_plugins = $mail_plugins sieve
+}}
+# Sieve's redirect needs addresses with a domain; users are found by their local part.
+auth_username_format = %Ln
+postmaster_address = postmaster@localhost
+# fileinto a folder the user has not made yet creates it, as most installations do.
+lda_mailbox_autocreate = yes
+sendmail_path = {self.root / "sendmail"}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+  sieve_redirect_envelope_from = orig_recipient
+}}
 """
 
 

@@ -2,11 +2,11 @@
 
 A pytest plugin (registered by ``tests/conftest.py``).  The secrets are what the run's
 processes were given: every value under a secret-bearing key (``password``,
-``master_password``, ``keys``, ``client_secret``, ``*token*``) in the YAML configurations the
-tests wrote under pytest's base temporary directory, read afresh whenever a scan runs
-(values of six characters or more; ``enc:`` values are ciphertext).  Scanned: each test's
-captured log, stdout and stderr and its traceback, as each phase ends; each PostgreSQL test
-database just before it is dropped (:func:`scan_database`, called by
+``master_password``, ``admin_password``, ``keys``, ``client_secret``, ``*token*``) in the YAML
+configurations the tests wrote under pytest's base temporary directory, read afresh whenever
+a scan runs (values of six characters or more; ``enc:`` values are ciphertext).  Scanned:
+each test's captured log, stdout and stderr and its traceback, as each phase ends; each
+PostgreSQL test database just before it is dropped (:func:`scan_database`, called by
 ``tests.db_fixtures``); and at the end every file the run left under the base temporary
 directory except the configurations and token files themselves.  Findings go to
 ``secret-findings.txt`` there (where, never the secret); any finding fails the session.
@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 # Not MAILROUTE_*: the configuration loader takes those as settings.
 BASETEMP_ENV = "SECRET_SCAN_BASETEMP"
 FINDINGS = "secret-findings.txt"
-SECRET_KEYS = ("password", "master_password", "keys", "client_secret")
+SECRET_KEYS = ("password", "master_password", "admin_password", "keys", "client_secret")
 MIN_LENGTH = 6
 # Files that hold secrets on purpose: configurations and token or key files tests wrote.
 HOLDERS = (".yaml", ".yml", ".pem", ".key")

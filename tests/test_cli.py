@@ -67,7 +67,8 @@ def demo(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     shutil.copytree(REPO / "examples" / "maildir", tmp_path / "var" / "demo" / "maildir")
     for box in (tmp_path / "var" / "demo" / "maildir").iterdir():
         (box / "cur").mkdir(exist_ok=True)  # git keeps no empty folder; `make run` does this
-    env = {**os.environ, "MAILROUTE_METRICS__BASE_PORT": "0", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "MAILROUTE_METRICS__BASE_PORT": "0", "MAILROUTE_WEB__PORT": "0",
+           "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(REPO)}
     env.pop("MAILROUTE_CONFIG", None)
     yield tmp_path, env
@@ -80,6 +81,7 @@ def test_run_on_the_embedded_demo_creates_the_expected_records_and_stops_on_sigt
     try:
         running.wait_for_line("mailroute running: broker memory://")
         running.wait_for_line("metrics: http://127.0.0.1:")
+        running.wait_for_line("mailroute web: http://127.0.0.1:")
         running.wait_for_line("records: 6 emails, 8 deliveries, 2 queue_items")
     finally:
         code = running.stop()

@@ -28,7 +28,7 @@ FORWARD = "forward@corp.example.com"
 
 
 def settings(bob_direct: bool = False) -> Settings:
-    bob = ({"mailbox": "bob"} if bob_direct else {"forward": "fwd"})
+    bob: dict[str, Any] = {"mailbox": "bob"} if bob_direct else {"forward": "fwd"}
     return Settings(
         mailboxes=(MailboxSettings(name="alice", kind="maildir", path="/a"),
                    MailboxSettings(name="bob", kind="maildir", path="/b"),

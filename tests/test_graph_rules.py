@@ -1,0 +1,533 @@
+"""Exchange Online forwarding rules through Microsoft Graph, against a local tenant stand-in.
+
+``ingest.graph_rules.GraphBackend`` talks HTTP to ``tests.graph_standin.GraphStandIn`` (a real
+HTTP server that answers as Graph and the identity platform document): install, inspect and
+remove; the user's own rules left alone; the token cached, renewed and refreshed on a 401;
+429 retried as Retry-After says; 403, 404, a wrong secret and an unreachable server as
+errors that name the problem and never the secret or the token.  The configurations are
+YAML under pytest's base temporary directory, so the whole-run secret scan
+(tests/secret_scan.py) looks for the client secrets in every log and output.  Last, mail
+flows through the stand-in's rules into a Dovecot forward mailbox, and the pipeline (real
+RabbitMQ and PostgreSQL) makes records for the users whose rules forwarded it.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import logging
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy.engine import Engine
+
+from ingest.forwarding_rules import RuleError, RuleTarget, rule_targets
+from ingest.graph_rules import MAX_RETRIES, GraphBackend, token_scope
+from shared.settings import Settings, load_settings
+from tests import mailgen
+from tests.broker_fixtures import Vhost
+from tests.dovecot import DovecotServer
+from tests.graph_standin import GraphStandIn
+from tests.processes import Workers, wait_for
+from tests.test_forward_integration import deliveries
+
+pytest_plugins = ["tests.db_fixtures"]
+
+FORWARD = "forward@corp.example.com"
+SECRET = "Qx7~stand-in-app-secret-1f2e"   # what the stand-in's app registration holds
+USERS = {"bob": "bob@corp.example.com", "carol": "carol@corp.example.com"}
+OWN_RULE = {  # a rule bob made in Outlook: must survive install and remove untouched
+    "displayName": "Newsletters", "sequence": 1, "isEnabled": True,
+    "conditions": {"senderContains": ["news@"]},
+    "actions": {"moveToFolder": "AAMkNewsletters", "stopProcessingRules": True}}
+
+
+@pytest.fixture(autouse=True)
+def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
+    # Everything logged is captured, and so scanned for the secrets.
+    caplog.set_level(logging.DEBUG)
+
+
+def scanned_tokens(folder: Path) -> Any:
+    """Writes the tokens issued where the secret scan reads them (``*token*`` keys)."""
+    def write(tokens: list[str]) -> None:
+        (folder / "issued-tokens.yaml").write_text(yaml.safe_dump(
+            {f"access_token_{i}": token for i, token in enumerate(tokens)}))
+    return write
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[GraphStandIn]:
+    server = GraphStandIn(client_secret=SECRET, on_token=scanned_tokens(tmp_path))
+    for address in USERS.values():
+        server.add_user(address)
+    # The stand-in's own secret is in a YAML file under basetemp: the secret scan knows it.
+    (tmp_path / "standin.yaml").write_text(yaml.safe_dump({"client_secret": SECRET}))
+    with server:
+        yield server
+
+
+def write_config(path: Path, standin: GraphStandIn, **server: Any) -> Settings:
+    config = {
+        "mailboxes": [{"name": "forward", "kind": "maildir", "path": str(path.parent / "fwd"),
+                       "forward": True, "address": FORWARD}],
+        "rule_servers": [{
+            "name": "m365", "kind": "graph", "tenant_id": standin.tenant_id,
+            "client_id": standin.client_id, "client_secret": SECRET,
+            "authority_url": standin.authority_url, "graph_url": standin.graph_url,
+            "timeout": 5, **server}],
+        "users": [{"name": name, "address": address, "forward": "forward",
+                   "rule": {"server": "m365"}} for name, address in USERS.items()],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return load_settings(path)
+
+
+class Sleeps(list[float]):
+    """Records the backend's waits instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, standin: GraphStandIn) -> Settings:
+    return write_config(tmp_path / "mailroute.yaml", standin)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+@pytest.fixture
+def backend(settings: Settings, sleeps: Sleeps) -> Iterator[GraphBackend]:
+    with GraphBackend(settings.rule_server("m365"), sleep=sleeps) as graph:
+        yield graph
+
+
+@pytest.fixture
+def targets(settings: Settings) -> dict[str, RuleTarget]:
+    return {t.principal: t for t in rule_targets(settings)}
+
+
+def failure(call: Any, *args: Any) -> str:
+    with pytest.raises(RuleError) as caught:
+        call(*args)
+    message = str(caught.value)
+    print(message)  # captured, so the secret scan reads it too
+    assert SECRET not in message
+    return message
+
+
+def no_tokens_in(standin: GraphStandIn, text: str) -> None:
+    assert not any(token in text for token in standin.issued)
+
+
+# ---- install, inspect, remove ---------------------------------------------------------
+
+
+def test_install_inspect_and_remove(standin: GraphStandIn, backend: GraphBackend,
+                                    targets: dict[str, RuleTarget]) -> None:
+    bob = targets["bob"]
+    assert backend.inspect(bob).state == "missing"
+    backend.install(bob)
+    [rule] = standin.rules("bob@corp.example.com")
+    assert rule["displayName"] == "mailroute-forward"
+    assert rule["isEnabled"] is True and rule["sequence"] == 1 and rule["conditions"] == {}
+    assert rule["actions"] == {"forwardAsAttachmentTo": [{"emailAddress": {"address": FORWARD}}],
+                               "stopProcessingRules": False}
+    found = backend.inspect(bob)
+    assert (found.state, FORWARD in found.detail) == ("present", True)
+    assert backend.inspect(targets["carol"]).state == "missing"
+
+    assert backend.remove(bob) is True
+    assert standin.rules("bob@corp.example.com") == []
+    assert backend.inspect(bob).state == "missing"
+    assert backend.remove(bob) is False
+
+
+def test_install_twice_leaves_one_rule_and_writes_nothing_the_second_time(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    backend.install(targets["bob"])
+    writes = len([r for r in standin.graph_requests() if r.method != "GET"])
+    backend.install(targets["bob"])
+    assert len(standin.rules("bob@corp.example.com")) == 1
+    assert len([r for r in standin.graph_requests() if r.method != "GET"]) == writes == 1
+
+
+def test_the_users_own_rules_are_left_as_they_were(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    bob = targets["bob"]
+    standin.add_rule(bob.login, OWN_RULE)
+    before = standin.rules(bob.login)
+    backend.install(bob)
+    after = standin.rules(bob.login)
+    # First, before the rule that stops processing (Exchange moves that one to 2).
+    assert [r["displayName"] for r in after] == ["mailroute-forward", "Newsletters"]
+    assert after[1] == {**before[0], "sequence": 2}
+    assert backend.remove(bob) is True
+    assert standin.rules(bob.login) == before
+    # Only mailroute's rule was ever written to.
+    assert all(r.path.endswith("/messageRules") or "mailroute" not in r.path
+               for r in standin.graph_requests())
+    own_id = before[0]["id"]
+    assert not any(r.method in ("PATCH", "DELETE") and r.path.endswith(
+        own_id.replace("/", "%2F").replace("+", "%2B")) for r in standin.graph_requests())
+
+
+BROKEN: dict[str, tuple[dict[str, Any], str, str]] = {
+    "disabled": ({"isEnabled": False}, "disabled", "PATCH"),
+    "elsewhere": ({"actions": {"forwardAsAttachmentTo": [
+        {"emailAddress": {"address": "mallory@evil.example"}}]}},
+        "instead of forward@corp.example.com", "PATCH"),
+    "stops": ({"actions": {"stopProcessingRules": True}}, "stops the user's other rules",
+              "PATCH"),
+    "conditions": ({"conditions": {"subjectContains": ["invoice"]}},
+                   "has conditions (subjectContains)", "POST"),
+    "redirects": ({"actions": {"redirectTo": [
+        {"emailAddress": {"address": "mallory@evil.example"}}]}},
+        "also has actions redirectTo", "POST"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_changed_rule_differs_and_install_mends_it(
+        case: str, standin: GraphStandIn, backend: GraphBackend,
+        targets: dict[str, RuleTarget]) -> None:
+    change, detail, mended_by = BROKEN[case]
+    bob = targets["bob"]
+    standin.add_rule(bob.login, OWN_RULE)
+    backend.install(bob)
+    rule = next(r for r in standin.user(bob.login).rules
+                if r["displayName"] == "mailroute-forward")
+    for name, value in change.items():  # the user (or an attacker) changes it in Outlook
+        rule[name] = {**rule[name], **value} if isinstance(value, dict) else value
+    found = backend.inspect(bob)
+    assert found.state == "differs" and detail in found.detail
+    written = len(standin.graph_requests())
+    backend.install(bob)
+    assert backend.inspect(bob).state == "present"
+    assert mended_by in [r.method for r in standin.graph_requests()[written:]]
+    assert [r["displayName"] for r in standin.rules(bob.login)] == [
+        "mailroute-forward", "Newsletters"]
+
+
+def test_two_rules_of_mailroutes_are_made_one(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    bob = targets["bob"]
+    backend.install(bob)
+    standin.add_rule(bob.login, {"displayName": "mailroute-forward", "isEnabled": False,
+                                 "actions": {"forwardTo": [{"emailAddress": {
+                                     "address": FORWARD}}]}})
+    found = backend.inspect(bob)
+    assert (found.state, found.detail) == ("differs", "2 inbox rules named 'mailroute-forward'")
+    backend.install(bob)
+    assert len(standin.rules(bob.login)) == 1
+    assert backend.inspect(bob).state == "present"
+    assert backend.remove(bob) is True and standin.rules(bob.login) == []
+
+
+def test_user_ids_and_rule_ids_are_url_encoded(tmp_path: Path, standin: GraphStandIn,
+                                               backend: GraphBackend,
+                                               targets: dict[str, RuleTarget]) -> None:
+    guest = "dana_partner.example#EXT#@corp.onmicrosoft.com"
+    dollar = "$adele@corp.example.com"
+    for login in (guest, dollar):
+        standin.add_user(login)
+        target = RuleTarget(principal="x", address=login, login=login, password=None,
+                            forward_address=FORWARD, server=targets["bob"].server)
+        backend.install(target)
+        assert backend.inspect(target).state == "present"
+        assert backend.remove(target) is True
+    paths = [r.path for r in standin.graph_requests()]
+    assert any("/users/dana_partner.example%23EXT%23@corp.onmicrosoft.com/" in p for p in paths)
+    assert any("/users('%24adele@corp.example.com')/" in p for p in paths)
+    # The stand-in's rule ids hold '+' and '/', which must not split the path.
+    deletes = [p for p, r in zip(paths, standin.graph_requests(), strict=True)
+               if r.method == "DELETE"]
+    assert deletes and all("%2B%2F" in p for p in deletes)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("graph-tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_tls_is_verified_against_ca_file_unless_told_not_to(
+        tmp_path: Path, certificate: tuple[str, str], targets: dict[str, RuleTarget]) -> None:
+    with GraphStandIn(client_secret=SECRET, tls=certificate,
+                      on_token=scanned_tokens(tmp_path)) as standin:
+        standin.add_user("bob@corp.example.com")
+        assert standin.graph_url.startswith("https://")
+        for name, options, works in (("ca", {"ca_file": certificate[0]}, True),
+                                     ("system", {}, False),
+                                     ("unverified", {"verify_tls": False}, True)):
+            settings = write_config(tmp_path / f"{name}.yaml", standin, **options)
+            with GraphBackend(settings.rule_server("m365")) as backend:
+                if works:
+                    assert backend.inspect(targets["bob"]).state == "missing"
+                else:
+                    message = failure(backend.inspect, targets["bob"])
+                    assert "cannot reach the Microsoft identity platform" in message
+                    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert len(standin.issued) == 2
+
+
+# ---- token ----------------------------------------------------------------------------
+
+
+def test_the_token_is_asked_for_once_and_sent_as_bearer(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    for target in targets.values():
+        backend.install(target)
+        backend.inspect(target)
+    [token_request] = standin.token_requests()
+    assert token_request.path == f"/login/{standin.tenant_id}/oauth2/v2.0/token"
+    assert token_request.headers["content-type"] == "application/x-www-form-urlencoded"
+    form = httpx.QueryParams(token_request.body.decode())
+    assert dict(form) == {"grant_type": "client_credentials", "client_id": standin.client_id,
+                          "client_secret": SECRET,
+                          "scope": "https://graph.microsoft.com/.default"}
+    [token] = standin.issued
+    assert {r.headers["authorization"] for r in standin.graph_requests()} == {f"Bearer {token}"}
+    assert not any(SECRET.encode() in r.body for r in standin.graph_requests())
+
+
+def test_national_clouds_ask_for_their_own_graph_scope() -> None:
+    assert token_scope("https://graph.microsoft.com/v1.0") == (
+        "https://graph.microsoft.com/.default")
+    assert token_scope("https://graph.microsoft.us/v1.0") == "https://graph.microsoft.us/.default"
+    assert token_scope("http://127.0.0.1:8080/v1.0") == "https://graph.microsoft.com/.default"
+
+
+def test_the_token_is_renewed_before_it_expires(settings: Settings,
+                                                standin: GraphStandIn,
+                                                targets: dict[str, RuleTarget]) -> None:
+    now = [1000.0]
+    with GraphBackend(settings.rule_server("m365"), clock=lambda: now[0]) as backend:
+        backend.inspect(targets["bob"])
+        now[0] += 3599 - 121   # still more than the margin left
+        backend.inspect(targets["bob"])
+        assert len(standin.issued) == 1
+        now[0] += 2            # within two minutes of expiry
+        backend.inspect(targets["bob"])
+    assert len(standin.issued) == 2
+    assert standin.graph_requests()[-1].headers["authorization"] == f"Bearer {standin.issued[1]}"
+
+
+def test_a_401_fetches_a_fresh_token_once(standin: GraphStandIn, backend: GraphBackend,
+                                          targets: dict[str, RuleTarget]) -> None:
+    backend.install(targets["bob"])
+    standin.revoke_tokens()   # e.g. revoked by the tenant before its time
+    assert backend.inspect(targets["bob"]).state == "present"
+    assert len(standin.issued) == 2
+    statuses = [r.headers["authorization"] for r in standin.graph_requests()[-2:]]
+    assert statuses == [f"Bearer {standin.issued[0]}", f"Bearer {standin.issued[1]}"]
+
+
+def test_a_token_refused_even_when_fresh_is_an_error(
+        standin: GraphStandIn, backend: GraphBackend, targets: dict[str, RuleTarget]) -> None:
+    standin.token_lifetime = 0   # every token is already expired when Graph sees it
+    message = failure(backend.inspect, targets["bob"])
+    assert "refused the app's access token" in message and "InvalidAuthenticationToken" in message
+    assert len(standin.token_requests()) == 2 and len(standin.graph_requests()) == 2
+    no_tokens_in(standin, message)
+
+
+def test_a_wrong_client_secret_is_named_without_the_secret(
+        tmp_path: Path, standin: GraphStandIn, targets: dict[str, RuleTarget]) -> None:
+    wrong = "Zz9~not-the-registered-secret"
+    settings = write_config(tmp_path / "wrong.yaml", standin, client_secret=wrong)
+    with GraphBackend(settings.rule_server("m365")) as backend:
+        message = failure(backend.inspect, targets["bob"])
+    assert "401 invalid_client" in message and "AADSTS7000215" in message
+    assert "client_secret" in message and standin.tenant_id in message
+    assert wrong not in message and standin.graph_requests() == []
+
+
+def test_an_unknown_client_id_is_named(tmp_path: Path, standin: GraphStandIn,
+                                       targets: dict[str, RuleTarget]) -> None:
+    settings = write_config(tmp_path / "client.yaml", standin, client_id="no-such-app")
+    with GraphBackend(settings.rule_server("m365")) as backend:
+        message = failure(backend.inspect, targets["bob"])
+    assert "unauthorized_client" in message and "AADSTS700016" in message
+    assert "check client_id and tenant_id" in message
+
+
+# ---- Graph's refusals -----------------------------------------------------------------
+
+
+def test_throttling_is_retried_as_retry_after_says(
+        standin: GraphStandIn, backend: GraphBackend, sleeps: Sleeps,
+        targets: dict[str, RuleTarget]) -> None:
+    standin.throttle(2, retry_after=7)
+    backend.install(targets["bob"])
+    assert sleeps == [7.0, 7.0]
+    assert backend.inspect(targets["bob"]).state == "present"
+    standin.throttle(1, retry_after=3600)   # a wait this long is cut short
+    backend.inspect(targets["bob"])
+    assert sleeps[-1] == 60.0
+
+
+def test_throttling_that_does_not_stop_is_an_error(
+        standin: GraphStandIn, backend: GraphBackend, sleeps: Sleeps,
+        targets: dict[str, RuleTarget]) -> None:
+    standin.throttle(100, retry_after=2)
+    message = failure(backend.install, targets["bob"])
+    assert "429 ApplicationThrottled" in message and f"after {MAX_RETRIES} retries" in message
+    assert len(standin.graph_requests()) == MAX_RETRIES + 1 and sleeps == [2.0] * MAX_RETRIES
+    assert standin.rules("bob@corp.example.com") == []
+
+
+def test_a_missing_permission_is_named(standin: GraphStandIn, backend: GraphBackend,
+                                       targets: dict[str, RuleTarget]) -> None:
+    standin.deny_access = True
+    for call in (backend.inspect, backend.install, backend.remove):
+        message = failure(call, targets["bob"])
+        assert "403 ErrorAccessDenied" in message
+        assert "MailboxSettings.ReadWrite" in message and "bob@corp.example.com" in message
+        no_tokens_in(standin, message)
+
+
+def test_an_unknown_user_is_named(standin: GraphStandIn, backend: GraphBackend,
+                                  targets: dict[str, RuleTarget]) -> None:
+    target = RuleTarget(principal="erin", address="erin@corp.example.com",
+                        login="erin@corp.example.com", password=None,
+                        forward_address=FORWARD, server=targets["bob"].server)
+    message = failure(backend.install, target)
+    assert "user 'erin@corp.example.com' not found in tenant" in message
+    assert "404 ErrorInvalidUser" in message
+
+
+def test_an_unreadable_ca_file_is_named(tmp_path: Path, standin: GraphStandIn) -> None:
+    settings = write_config(tmp_path / "ca.yaml", standin, ca_file=str(tmp_path / "no.pem"))
+    with pytest.raises(RuleError, match=r"rule server m365: ca_file .*no\.pem"):
+        GraphBackend(settings.rule_server("m365"))
+
+
+def test_an_unreachable_server_is_named(tmp_path: Path, standin: GraphStandIn,
+                                        targets: dict[str, RuleTarget]) -> None:
+    with socket.socket() as sock:   # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for where in ("authority_url", "graph_url"):
+        settings = write_config(tmp_path / f"{where}.yaml", standin, **{where: closed})
+        with GraphBackend(settings.rule_server("m365")) as backend:
+            message = failure(backend.inspect, targets["bob"])
+        assert "cannot reach" in message and closed.removeprefix("http://") in message
+        no_tokens_in(standin, message)
+
+
+def test_the_standin_checks_request_bodies_as_graph_does(standin: GraphStandIn,
+                                                         backend: GraphBackend,
+                                                         targets: dict[str, RuleTarget]) -> None:
+    backend.inspect(targets["bob"])   # a token for the raw requests below
+    url = f"{standin.graph_url}/users/bob@corp.example.com/mailFolders/inbox/messageRules"
+    auth = {"Authorization": f"Bearer {standin.issued[0]}"}
+    forward = {"forwardAsAttachmentTo": [{"emailAddress": {"address": FORWARD}}]}
+    cases = [
+        ({"displayName": "x", "actions": forward, "priority": 1}, "RequestBodyRead"),
+        ({"displayName": "x", "actions": {**forward, "forwardEverything": True}},
+         "RequestBodyRead"),
+        ({"actions": forward}, "ErrorInvalidRequest"),
+        ({"displayName": "x", "sequence": "first", "actions": forward}, "RequestBodyRead"),
+        ({"displayName": "x", "actions": {"forwardAsAttachmentTo": ["x@y"]}},
+         "ErrorInvalidRecipients"),
+    ]
+    with httpx.Client() as client:
+        for body, code in cases:
+            response = client.post(url, json=body, headers=auth)
+            assert (response.status_code, response.json()["error"]["code"]) == (400, code)
+        assert client.get(url).status_code == 401
+    assert standin.rules("bob@corp.example.com") == []
+
+
+# ---- mail through the rules -----------------------------------------------------------
+
+
+@pytest.fixture
+def forward_server() -> Iterator[DovecotServer]:
+    server = DovecotServer(tls=False)
+    server.add_user("forward", "Fw-dovecot-secret-9")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+def test_mail_flows_through_graph_rules_into_records(
+        tmp_path: Path, standin: GraphStandIn, backend: GraphBackend,
+        targets: dict[str, RuleTarget], forward_server: DovecotServer, rabbit_vhost: Vhost,
+        database: Engine) -> None:
+    """Rules deployed through Graph; the stand-in's Exchange forwards each user's mail as an
+    attachment into a Dovecot forward mailbox; the four stages (RabbitMQ, PostgreSQL) make
+    records for the users whose rules forwarded, recognised by the envelope's sender."""
+    sent: list[tuple[str, bytes]] = []
+
+    def send(recipient: str, raw: bytes) -> None:
+        sent.append((recipient, raw))
+        forward_server.deliver(recipient.partition("@")[0], raw)
+
+    standin.send = send
+    for target in targets.values():
+        backend.install(target)
+    standin.add_rule(targets["bob"].login, OWN_RULE)
+    standin.add_user("dave@corp.example.com")   # no rule: nothing forwarded
+    shared = mailgen.message("customer@example.net", [*USERS.values(), "dave@corp.example.com"],
+                             "Order 17", "please ship", message_id="<order-17@example.net>")
+    for login in (*USERS.values(), "dave@corp.example.com"):
+        standin.deliver(login, shared)
+    standin.deliver("bob@corp.example.com", mailgen.message(
+        "customer@example.net", ["bob@corp.example.com"], "Order 18", "and this",
+        message_id="<order-18@example.net>"))
+    # What Exchange's rule sends: From the user, To the forward mailbox, the original inside.
+    assert sorted(email.message_from_bytes(raw)["From"] for _, raw in sent) == [
+        "bob@corp.example.com", "bob@corp.example.com", "carol@corp.example.com"]
+    assert {recipient for recipient, _ in sent} == {FORWARD}
+    envelope = email.message_from_bytes(sent[0][1])
+    [attached] = [p for p in envelope.walk() if p.get_content_type() == "message/rfc822"]
+    inner = attached.get_payload(0)
+    assert isinstance(inner, email.message.Message)
+    assert inner["Message-ID"] == "<order-17@example.net>"
+
+    config = tmp_path / "pipeline.yaml"
+    data = yaml.safe_load((tmp_path / "mailroute.yaml").read_text())
+    data.update({
+        "broker": {"url": rabbit_vhost.url, "prefix": "mail", "confirm_timeout": 10},
+        "database": {"url": database.url.render_as_string(hide_password=False)},
+        "metrics": {"base_port": 0},
+        "servers": [{"name": "forwards", "host": forward_server.host,
+                     "port": forward_server.imap_port, "tls": "none"}],
+        "mailboxes": [{"name": "forward", "kind": "imap", "server": "forwards",
+                       "username": "forward", "password": "Fw-dovecot-secret-9",
+                       "forward": True, "address": FORWARD, "interval": 0.3}]})
+    config.write_text(yaml.safe_dump(data))
+    workers = Workers(config, tmp_path)
+    try:
+        workers.start("ingest", "parse", "route", "persist")
+        wait_for(lambda: len(deliveries(database)) == 3, "three deliveries",
+                 on_timeout=workers.logs)
+        assert deliveries(database) == [
+            ("order-17@example.net", "bob", "forward", "envelope-from"),
+            ("order-17@example.net", "carol", "forward", "envelope-from"),
+            ("order-18@example.net", "bob", "forward", "envelope-from"),
+        ]
+        wait_for(lambda: forward_server.uids("forward") == [],
+                 "the forward mailbox to be emptied", on_timeout=workers.logs)
+    finally:
+        codes = workers.stop_all()
+    assert set(codes.values()) == {0}, workers.logs()
