@@ -140,6 +140,17 @@ class Page:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} on "
                                  f"{self.driver.current_url}\n{self.diagnostics()}") from None
 
+    def follow(self, element: Any) -> None:
+        """Click a link or button that loads a page, and wait until that page is there."""
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        old = self.one("html")
+        element.click()
+        WebDriverWait(self.driver, 30).until(expected_conditions.staleness_of(old))
+        self.await_(lambda: self.driver.execute_script("return document.readyState")
+                    == "complete", "the page to load")
+
     def assert_no_secret(self) -> None:
         """No configured password or token anywhere in the page's source."""
         source = self.driver.page_source
