@@ -66,7 +66,7 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Quiet chatty libraries; imaplib/imapclient debug output can even show a LOGIN line.
-    for noisy in ("imapclient", "imaplib", "amqp", "kombu", "alembic"):
+    for noisy in ("imapclient", "imaplib", "amqp", "kombu", "alembic", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # pika logs every failed connection attempt with a traceback; its callers report it.
     logging.getLogger("pika").setLevel(logging.CRITICAL)

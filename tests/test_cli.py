@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,8 +83,16 @@ def test_run_on_the_embedded_demo_creates_the_expected_records_and_stops_on_sigt
     try:
         running.wait_for_line("mailroute running: broker memory://")
         running.wait_for_line("metrics: http://127.0.0.1:")
-        running.wait_for_line("mailroute web: http://127.0.0.1:")
+        web = running.wait_for_line("mailroute web: http://127.0.0.1:").split()[-1]
         running.wait_for_line("records: 6 emails, 8 deliveries, 2 queue_items")
+        # the operations page in the same process reads that process's own metrics
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(web + "api/overview", timeout=30) as response:
+            overview = json.load(response)
+        assert overview["persisted_total"] == 6
+        assert overview["stages"]["ingest"]["total"] == 8
+        assert overview["stages"]["persist"]["total"] == 8
+        assert overview["metrics_sources"] == {"up": 1, "of": 1}
     finally:
         code = running.stop()
     assert code == 0, "\n".join(running.lines)

@@ -217,6 +217,13 @@ def test_compose_file_has_every_service_wired() -> None:
         assert settings.metrics.host == "0.0.0.0" and settings.log_format == "json"
         assert settings.broker.url.startswith("amqp://") and "postgresql" in \
             settings.database.url
+    web = services["web"]
+    assert web["command"] == ["web", "--host", "0.0.0.0"]
+    assert web["ports"] == ["127.0.0.1:8025:8025"]
+    settings = load_settings(DEPLOY / "compose" / "mailroute.yaml", environ=web["environment"])
+    assert settings.web.metrics_urls == tuple(
+        f"http://{stage}:{port}/metrics" for stage, port in (
+            ("ingest", 9400), ("parse", 9401), ("route", 9402), ("persist", 9403)))
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

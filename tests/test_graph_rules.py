@@ -25,10 +25,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
 from ingest.forwarding_rules import RuleError, RuleTarget, rule_targets
 from ingest.graph_rules import MAX_RETRIES, GraphBackend, token_scope
+from shared.cli import main
 from shared.settings import Settings, load_settings
 from tests import mailgen
 from tests.broker_fixtures import Vhost
@@ -87,6 +89,36 @@ def write_config(path: Path, standin: GraphStandIn, **server: Any) -> Settings:
     }
     path.write_text(yaml.safe_dump(config))
     return load_settings(path)
+
+
+def test_mailroute_rules_deploys_checks_and_removes_graph_rules(
+        tmp_path: Path, standin: GraphStandIn) -> None:
+    """The same command as for ManageSieve: a report per user and the exit status."""
+    config = tmp_path / "mailroute.yaml"
+    write_config(config, standin)
+    standin.add_rule(USERS["bob"], OWN_RULE)
+
+    def rules(*args: str) -> Any:
+        return CliRunner().invoke(main, ["-c", str(config), "rules", *args],
+                                  catch_exceptions=False)
+
+    planned = rules("deploy", "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert standin.rules(USERS["carol"]) == []
+    first = rules("deploy")
+    assert first.exit_code == 0, first.output
+    assert [line.split()[:3] for line in first.output.splitlines()
+            if line.startswith(("bob", "carol"))] == [["bob", "m365", "created"],
+                                                      ["carol", "m365", "created"]]
+    assert rules("check").exit_code == 0
+    standin.user(USERS["carol"]).rules[0]["isEnabled"] = False  # turned off in Outlook
+    audit = rules("check")
+    assert audit.exit_code == 1 and "differs" in audit.output
+    assert rules("deploy").exit_code == 0 and rules("check").exit_code == 0
+    gone = rules("remove")
+    assert gone.exit_code == 0 and "2 removed" in gone.output
+    assert [r["displayName"] for r in standin.rules(USERS["bob"])] == ["Newsletters"]
+    assert SECRET not in first.output + audit.output + gone.output
 
 
 class Sleeps(list[float]):

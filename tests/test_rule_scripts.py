@@ -4,8 +4,6 @@ tests/test_sieve_rules_integration.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from ingest.forwarding_rules import Inspection, RuleError, RuleReport, RuleTarget
@@ -175,15 +173,6 @@ def test_a_backend_that_cannot_open_or_crashes_fails_only_its_users() -> None:
                         backend_for=lambda server: Crashing({}))
     assert [r.outcome for r in crashed] == ["failed", "failed"]
     assert "unexpected KeyError" in crashed[0].detail
-
-
-@pytest.mark.skipif(importlib.util.find_spec("ingest.graph_rules") is not None,
-                    reason="the Graph backend is present")
-def test_without_the_graph_backend_graph_users_are_failed_not_the_run() -> None:
-    with pytest.raises(RuleError, match="graph backend not available"):
-        open_backend(GRAPH)
-    [report] = run_rules("check", [target("alice", GRAPH)])
-    assert (report.outcome, report.detail) == ("failed", "graph backend not available")
 
 
 def test_open_backend_gives_managesieve_for_its_kind() -> None:

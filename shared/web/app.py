@@ -40,7 +40,7 @@ from werkzeug.wrappers import Response
 from shared.settings import Settings
 from shared.topology import STAGES
 from shared.web import actions, auth
-from shared.web.data import PageData, evidence_lines
+from shared.web.data import DEAD_LETTERS_SHOWN, PageData, evidence_lines
 from shared.web.metrics_window import MetricsWindow, Source, url_source
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ def create_app(settings: Settings, engine: Any,
 
     @app.get("/dead")
     def dead() -> str:
-        return render_template("dead.html", page="dead", stages=data.dead_letters())
+        return render_template("dead.html", page="dead", stages=data.dead_letters(),
+                               shown_limit=DEAD_LETTERS_SHOWN)
 
     @app.post("/dead/<stage>/retry")
     def dead_retry(stage: str) -> Response:
