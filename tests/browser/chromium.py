@@ -23,7 +23,7 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-WINDOW = (1280, 900)
+WINDOW = (1440, 1000)
 # Where `make screenshots` wants the PNGs (they always go under pytest's basetemp too).  Not a
 # MAILROUTE_* name: the configuration loader would take that for a setting.
 SCREENSHOT_DIR_ENV = "SCREENSHOT_DIR"
