@@ -1,4 +1,8 @@
-"""The browser tests' set-up without a browser: a missing Chromium fails, naming the fix."""
+"""The browser tests' set-up: a missing Chromium fails naming the fix; the installed one is used.
+
+The last test starts the real headless Chromium with Selenium Manager made to fail, so a
+Selenium that would look for (and maybe download) a driver or browser of its own fails it.
+"""
 
 from __future__ import annotations
 
@@ -26,3 +30,20 @@ def test_number_reads_the_first_number_of_a_cell(text: str, value: float) -> Non
 
 def test_number_of_a_cell_without_one_is_nan() -> None:
     assert math.isnan(chromium.number("\u2013"))  # the page's en dash: no reading yet
+
+
+def test_the_session_uses_the_installed_browser_without_selenium_manager(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    chromium.require_chromium()
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    def refuse(*_args: object) -> None:
+        raise AssertionError("Selenium Manager ran (it may download a driver or browser)")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", refuse)
+    with chromium.chromium_session() as driver:
+        driver.get("data:text/html,<p id=there>mailroute</p>")
+        assert driver.find_element("id", "there").text == "mailroute"
+        assert driver.capabilities["browserName"] in ("chrome", "chromium")
+        assert driver.capabilities["chrome"]["chromedriverVersion"].split()[0] == \
+            driver.capabilities["browserVersion"]
