@@ -41,6 +41,9 @@ class RuleTarget:
     password: Secret | None  # the user's own password when the server has no admin login
     forward_address: str    # the forward mailbox's address
     server: RuleServerSettings
+    # With canaries on: their sender.  The rule sends canaries to the forward mailbox only,
+    # so that they do not pile up in the user's own mailbox.
+    canary_sender: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,5 +97,6 @@ def rule_targets(settings: Settings, only: frozenset[str] = frozenset()) -> list
         targets.append(RuleTarget(
             principal=p.name, address=p.address, login=p.rule.username or p.address,
             password=p.rule.password, forward_address=forward_address,
-            server=settings.rule_server(p.rule.server)))
+            server=settings.rule_server(p.rule.server),
+            canary_sender=settings.canaries.sender if settings.canaries.enabled else None))
     return targets

@@ -55,13 +55,26 @@ def _unquote(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
 
-def rule_script(forward_address: str) -> str:
-    """mailroute's script: a copy of each incoming message to ``forward_address``."""
-    if not ADDRESS.fullmatch(forward_address):
-        raise RuleError(f"forward address {forward_address!r} is not a plain email address")
+def rule_script(forward_address: str, canary_sender: str | None = None) -> str:
+    """mailroute's script: a copy of each incoming message to ``forward_address``.
+
+    With ``canary_sender``, mailroute's canaries from it go to the forward mailbox only
+    (``stop`` also ends the user's own script when the wrapper includes it, RFC 6609).
+    """
+    for address in (forward_address, canary_sender):
+        if address is not None and not ADDRESS.fullmatch(address):
+            raise RuleError(f"address {address!r} is not a plain email address")
+    canaries = "" if canary_sender is None else (
+        "# mailroute's canaries (marked test messages) go to the forward mailbox only.\n"
+        f'if allof (exists "X-Mailroute-Canary", address :is "from" '
+        f"{sieve_string(canary_sender)}) {{\n"
+        f"    redirect {sieve_string(forward_address)};\n"
+        "    stop;\n"
+        "}\n")
     return ("# mailroute: a copy of every incoming message to the forward mailbox.\n"
             "# Written by `mailroute rules deploy`; `mailroute rules remove` takes it out.\n"
             'require ["copy"];\n'
+            f"{canaries}"
             f"redirect :copy {sieve_string(forward_address)};\n")
 
 
@@ -233,11 +246,11 @@ class ManageSieveBackend:
             return Inspection("missing", f"no script {name!r}")
         text = self._get(client, name)
         addresses = parse_redirect(text)
-        if addresses != [target.forward_address]:
+        if set(addresses) != {target.forward_address}:
             where = ", ".join(addresses) if addresses else "nowhere"
             return Inspection("differs", f"script {name!r} forwards to {where}, "
                                          f"not {target.forward_address}")
-        if not _same_text(text, rule_script(target.forward_address)):
+        if not _same_text(text, rule_script(target.forward_address, target.canary_sender)):
             return Inspection("differs", f"script {name!r} was changed")
         if active == name:
             return Inspection("present", f"script {name!r} active")
@@ -258,7 +271,7 @@ class ManageSieveBackend:
 
     def _install(self, client: SieveClient, target: RuleTarget) -> None:
         name, wrapper = self.server.rule_name, wrapper_name(self.server)
-        script = rule_script(target.forward_address)
+        script = rule_script(target.forward_address, target.canary_sender)
         self._require(client, "copy")
         active, scripts = self._list(client)
         self._put(client, name, script)

@@ -49,11 +49,12 @@ from parse.structure import parse_structure
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
 
-# Raw header values handed on to routing (loop and forward detection), lower-case names.
+# Raw header values handed on to routing (loop and forward detection, mailroute's canaries),
+# lower-case names.
 KEPT_HEADERS = (
     "auto-submitted", "delivered-to", "x-original-to", "x-forwarded-to", "resent-from",
     "resent-to", "precedence", "x-mailroute-loop", "list-id", "thread-index",
-    "x-sieve-redirected-from", "resent-sender",
+    "x-sieve-redirected-from", "resent-sender", "x-mailroute-canary",
 )
 _ADDRESS_HEADERS = {"from": "from_", "to": "to", "cc": "cc", "reply-to": "reply_to"}
 _USED_HEADERS = frozenset(

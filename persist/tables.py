@@ -46,6 +46,10 @@ DIRECTORY_SOURCES = ("config", "cli", "csv", "auto")
 ACCOUNT_ADDRESS_KINDS = ("address", "domain")
 LINK_TARGETS = ("email", "case", "contact", "account")
 CASE_STATES = ("open",)
+# sending: recorded, not yet handed over; sent: handed over, awaited in the forward mailbox;
+# failed: the hand-over failed (or the sender stopped first); seen: it arrived; missing: its
+# deadline passed first (a late arrival still turns it to seen).
+CANARY_OUTCOMES = ("sending", "sent", "failed", "seen", "missing")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -124,6 +128,8 @@ class Tables:
     links: Table
     mailbox_leases: Table
     pop3_seen: Table
+    canaries: Table
+    canary_schedule: Table
 
 
 def build_tables() -> Tables:
@@ -311,6 +317,7 @@ def build_tables() -> Tables:
         Column("uidl", String, primary_key=True),
         Column("seen_at", UtcDateTime, nullable=False),
     )
+    canaries, canary_schedule = _canary_tables(metadata)
     return Tables(
         metadata=metadata,
         emails=emails,
@@ -329,6 +336,8 @@ def build_tables() -> Tables:
         links=links,
         mailbox_leases=mailbox_leases,
         pop3_seen=pop3_seen,
+        canaries=canaries,
+        canary_schedule=canary_schedule,
     )
 
 
@@ -367,3 +376,32 @@ def _directory_tables(metadata: MetaData) -> tuple[Table, Table, Table, Table]:
         Index(None, "contact_id"),
     )
     return accounts, account_addresses, contacts, contact_addresses
+
+
+def _canary_tables(metadata: MetaData) -> tuple[Table, Table]:
+    """Canary test messages (one row each, never an email record) and when each forwarding
+    user's next one is due (claimed by one ingest process at a time)."""
+    canaries = Table(
+        "canaries", metadata,
+        Column("id", String, primary_key=True),
+        Column("principal_kind", String, nullable=False),
+        Column("principal", String, nullable=False),
+        Column("address", String, nullable=False),
+        Column("forward_mailbox", String, nullable=False),
+        Column("sent_at", UtcDateTime, nullable=False),
+        Column("deadline_at", UtcDateTime, nullable=False),
+        Column("seen_at", UtcDateTime),
+        Column("outcome", String, nullable=False),
+        Column("detail", Text),
+        _one_of("principal_kind", PRINCIPAL_KINDS, "principal_kind"),
+        _one_of("outcome", CANARY_OUTCOMES, "outcome"),
+        Index(None, "principal_kind", "principal", "sent_at"),
+        Index(None, "outcome", "deadline_at"),
+    )
+    canary_schedule = Table(
+        "canary_schedule", metadata,
+        Column("principal_kind", String, primary_key=True),
+        Column("principal", String, primary_key=True),
+        Column("due_at", UtcDateTime, nullable=False),
+    )
+    return canaries, canary_schedule

@@ -14,6 +14,11 @@ of a forward envelope); then threading, tracking, rules and the attachment polic
 with ``PermanentError``: ``unassigned-mailbox`` (a direct mailbox nobody owns), and for a
 forward mailbox's mail those of ``forwarded_delivery`` (``not-a-forward-mailbox``,
 ``mail-loop``, ``untrusted-forwarder``: no record is made).
+
+A canary (mailroute's marked test message, :mod:`route.canary`) is routed like any mail to
+find who forwarded it, then stops: its decision carries the canary id and the deliveries
+(untracked, reason ``canary``) but no threading and no records; persist only marks it seen.
+A malformed canary header is ``unknown-canary``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from route.attachments import screen_attachments
+from route.canary import canary_id
 from route.directory import Directory, Principal, strict_address
 from route.forwarding import ForwardPolicy, forwarded_delivery, loop_reason
 from route.history import BatchHistory, History, Lookups, NoHistory
@@ -39,6 +45,8 @@ from route.threading import (
 from route.tracking import SUPPRESSED, tracking_decision
 from shared.errors import PermanentError
 from shared.settings import RuleSettings, Settings
+
+CANARY = "canary"  # the untracked_reason of a canary's delivery (never stored)
 
 
 def route(parsed: dict[str, Any], directory: Directory,
@@ -80,6 +88,7 @@ class Decision:
     deliveries: list[dict[str, Any]]
     correlation: dict[str, Any]
     records: dict[str, Any]
+    canary: str | None = None  # a canary's id: persist marks it seen, makes no records
 
 
 class Router:
@@ -122,6 +131,13 @@ class Router:
         history = history or self.history
         deliveries = route(parsed, self.directory, self.forwarding)
         email = parsed["email"]
+        canary = canary_id(email, self.settings.canaries.sender)
+        if canary is not None:
+            # mailroute's own test message: who forwarded it is all that counts
+            for delivery in deliveries:
+                delivery.update(tracked=False, untracked_reason=CANARY)
+            return Decision(email=email, deliveries=deliveries, correlation={}, records={},
+                            canary=canary)
         facts, received_at = self._thread_facts(parsed)
         correlation = correlate(facts, history, self.settings.threading, received_at)
         sender_known = self._sender_known(email, history)

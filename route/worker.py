@@ -6,7 +6,8 @@ once: ``Router.history_for``); gives one routed document each.  The decisions ar
 ``route.history.History``); a message no one may receive is a ``PermanentError`` with the
 reason, which the runtime dead-letters; a lookup that cannot reach the database is a
 ``TransientError`` (retried).  Each untracked delivery is counted in
-``mailroute_messages_untracked_total{stage="route",reason}``.
+``mailroute_messages_untracked_total{stage="route",reason}``.  A canary (mailroute's test
+message) goes out as a routed document with ``canary`` set, for persist to mark it seen.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class RouteStage:
 
     def _route(self, document: dict[str, Any], history: History) -> list[Output]:
         decision = self.router.decide(document, history)
-        return [Output("routed", {
+        routed = {
             "trace_id": document["trace_id"],
             "source": document["source"],
             "envelope": document["envelope"],
@@ -60,12 +61,17 @@ class RouteStage:
             "deliveries": decision.deliveries,
             "correlation": decision.correlation,
             "records": decision.records,
-        })]
+        }
+        if decision.canary is not None:  # absent otherwise: ordinary documents keep their shape
+            routed["canary"] = decision.canary
+        return [Output("routed", routed)]
 
     def _count_untracked(self, outputs: list[Output]) -> None:
         if self._metrics is None:
             return
         for output in outputs:
+            if "canary" in output.document:
+                continue  # mailroute's own test message, not mail left untracked
             for delivery in output.document["deliveries"]:
                 if not delivery["tracked"]:
                     self._metrics.messages_untracked.labels(

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from shared.cli_canary import canary, canary_lines
 from shared.cli_dead import dead
 from shared.cli_directory import directory
 from shared.cli_emails import emails
@@ -73,6 +74,7 @@ def _build_consumer_stage(name: str, settings: Settings, engine: Any,
         return RouteStage(Router(settings, history=SqlHistory(engine),
                                  forwarding=ForwardPolicy(settings)), metrics=metrics)
     from persist.blobs import blob_store_for
+    from persist.canaries import CanaryStore
     from persist.directory_store import DirectoryStore
     from persist.store import EmailStore
     from persist.worker import PersistStage
@@ -80,7 +82,8 @@ def _build_consumer_stage(name: str, settings: Settings, engine: Any,
     DirectoryStore(engine).sync_config(settings)
     return PersistStage(EmailStore(
         engine, blobs=blob_store_for(settings.attachments),
-        create_unknown_contacts=settings.directory.create_unknown_contacts))
+        create_unknown_contacts=settings.directory.create_unknown_contacts),
+        canaries=CanaryStore(engine), metrics=metrics)
 
 
 def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Metrics,
@@ -91,7 +94,24 @@ def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Met
 
     poller = FleetPoller(settings, broker.publisher, MailboxStateStore(engine),
                          LeaseStore(engine), metrics)
-    return lambda: poller.run(stop)
+    if not settings.canaries.enabled:
+        return lambda: poller.run(stop)
+    from ingest.canary import CanaryService
+    from persist.canaries import CanaryStore
+
+    canaries = CanaryService(settings, CanaryStore(engine), metrics)
+
+    def poll_and_send_canaries() -> None:
+        sender = threading.Thread(target=canaries.run, args=(stop,), name="canaries",
+                                  daemon=True)
+        sender.start()
+        try:
+            poller.run(stop)
+        finally:
+            stop.set()
+            sender.join(timeout=60)
+
+    return poll_and_send_canaries
 
 
 @contextmanager
@@ -280,7 +300,7 @@ def db_upgrade(obj: Context) -> None:
 @main.command()
 @click.pass_obj
 def status(obj: Context) -> None:
-    """Show every mailbox with its last poll and outcome, and the queue depths."""
+    """Show every mailbox with its last poll and outcome, the canaries, the queue depths."""
     settings = obj.load()
     from persist.mailbox_state import MailboxStateStore
 
@@ -292,6 +312,11 @@ def status(obj: Context) -> None:
         counts[state.status] = counts.get(state.status, 0) + 1
     click.echo(f"fleet: {len(settings.mailboxes)} mailbox(es); " + (", ".join(
         f"{n} {s}" for s, n in sorted(counts.items())) or "none polled yet"))
+    lines = canary_lines(settings, engine)
+    if lines:
+        click.echo("")
+        for line in lines:
+            click.echo(line)
     broker = Broker(settings.broker)
     depths = connect_or_fail("broker", lambda: _queue_depths(broker))
     click.echo("")
@@ -320,6 +345,7 @@ main.add_command(emails)
 main.add_command(directory)
 main.add_command(mailbox)
 main.add_command(secret)
+main.add_command(canary)
 main.add_command(rules)
 main.add_command(web)
 

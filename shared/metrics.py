@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+# A canary's trip through a user's forwarding rule, the forward mailbox and the pipeline.
+ROUNDTRIP_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 
 
 class Metrics:
@@ -82,6 +84,26 @@ class Metrics:
         self.messages_untracked = Counter(
             "mailroute_messages_untracked", "Deliveries left untracked, by stage and reason",
             ["stage", "reason"], registry=r)
+
+        # Canaries (ingest.canary): marked test messages sent to each forwarding user and
+        # expected in the forward mailbox; sent and failed by ingest, seen by persist.
+        self.canary_sent = Counter(
+            "mailroute_canary_sent", "Canaries handed to the users' mail server",
+            ["principal"], registry=r)
+        self.canary_failed = Counter(
+            "mailroute_canary_failed", "Canaries that could not be handed over",
+            ["principal"], registry=r)
+        self.canary_seen = Counter(
+            "mailroute_canary_seen", "Canaries that arrived through the forward mailbox",
+            ["principal"], registry=r)
+        self.canary_missing = Gauge(
+            "mailroute_canary_missing", "1 while the user's newest canary verdict is "
+            "missing (not seen in the forward mailbox within the deadline), else 0",
+            ["principal"], registry=r)
+        self.canary_roundtrip = Histogram(
+            "mailroute_canary_roundtrip_seconds",
+            "From sending a canary to persist seeing it come through the forward mailbox",
+            registry=r, buckets=ROUNDTRIP_BUCKETS)
 
     def watch(self, collector: Any) -> None:
         """Register a custom collector (queue depths) with this process's registry."""

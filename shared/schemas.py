@@ -164,6 +164,11 @@ class RoutedSchema(_Versioned):
     # route.threading.Correlation.document and route.router.Router._records
     correlation = fields.Dict(keys=fields.String(), load_default=dict)
     records = fields.Dict(keys=fields.String(), load_default=dict)
+    # Set only on a canary (mailroute's marked test message; route.canary): its id, which
+    # persist marks seen for the deliveries' principal instead of storing anything.  Absent
+    # (no default) on every other document, so those keep their exact shape; a persist that
+    # predates it refuses a canary as bad-document (a dead letter, never a record).
+    canary = fields.String()
 
 
 class Codec:

@@ -58,11 +58,12 @@ def admin_server(dovecot: DovecotServer) -> RuleServerSettings:
 
 
 def target(user: str, forward: str, server: RuleServerSettings,
-           password: str | None = None) -> RuleTarget:
+           password: str | None = None, canary_sender: str | None = None) -> RuleTarget:
     address = f"{user}@{DOMAIN}"
     return RuleTarget(principal=user, address=address, login=address,
                       password=Secret(password) if password else None,
-                      forward_address=f"{forward}@{DOMAIN}", server=server)
+                      forward_address=f"{forward}@{DOMAIN}", server=server,
+                      canary_sender=canary_sender)
 
 
 def as_user(dovecot: DovecotServer, user: str) -> SieveClient:
@@ -174,6 +175,38 @@ def test_deploy_check_remove_beside_the_users_own_scripts(dovecot: DovecotServer
     # LMTP answers after the user's script has run: no redirect now, still filed.
     assert len(dovecot.uids(bob, "Projects")) == 2
     assert len(dovecot.uids(forward)) == 3
+
+
+def test_canaries_go_to_the_forward_mailbox_only(dovecot: DovecotServer) -> None:
+    """Hourly canaries must not pile up in users' mailboxes, whatever the user's own script
+    does; the header on anyone else's mail changes nothing."""
+    alice, bob, forward = names("alice", "bob", "forward")
+    for user in (alice, bob, forward):
+        dovecot.add_user(user, f"{user}-password")
+    with as_user(dovecot, bob) as client:
+        assert client.putscript("mine", OWN_SCRIPT) and client.setactive("mine")
+    sender = f"canary@mailroute.{DOMAIN}"
+    targets = [target(user, forward, admin_server(dovecot), canary_sender=sender)
+               for user in (alice, bob)]
+    assert outcomes(run_rules("deploy", targets)) == {alice: "created", bob: "created"}
+    assert outcomes(run_rules("check", targets)) == {alice: "present", bob: "present"}
+    canary = (b"X-Mailroute-Canary: c4n4ry-1d-0f-22-chars\r\n"
+              + mailgen.message(sender, [f"{bob}@{DOMAIN}"], "mailroute canary project", "."))
+    forged = (b"X-Mailroute-Canary: c4n4ry-1d-0f-22-chars\r\n"
+              + mailgen.message("someone@example.net", [f"{bob}@{DOMAIN}"], "project", "."))
+    for user in (alice, bob):
+        dovecot.deliver_lmtp(f"{user}@{DOMAIN}", canary, sender=sender)
+    dovecot.deliver_lmtp(f"{bob}@{DOMAIN}", forged)
+    copies = forward_copies(dovecot, forward, 3)
+    assert sorted(email.message_from_bytes(c)["From"] for c in copies) == [
+        sender, sender, "someone@example.net"]
+    # The canaries are in neither inbox nor bob's own "Projects" folder; the forged one is.
+    assert dovecot.uids(alice) == [] and dovecot.uids(bob) == []
+    assert len(dovecot.uids(bob, "Projects")) == 1
+    # A rule written without the canary part differs, and deploy adds it.
+    plain = [target(alice, forward, admin_server(dovecot))]
+    assert outcomes(run_rules("check", plain)) == {alice: "differs"}
+    assert outcomes(run_rules("deploy", targets)) == {alice: "present", bob: "present"}
 
 
 def test_a_script_the_server_refuses_is_reported_with_its_reason(dovecot: DovecotServer) -> None:
