@@ -21,12 +21,15 @@ PYTEST_ARGS ?=
 # Folders that `make lint` checks; those still holding no Python file are skipped.
 LINT_PATHS := ingest parse route persist shared tests bench
 
+# make screenshots: where the browser tests save the README's pictures of the operations page
+SCREENSHOTS ?= examples/screenshots
+
 FUZZ_SECONDS ?= 60
 # make soak: the SIGKILL fault test, longer (messages, kills of each worker kind)
 SOAK_MESSAGES ?= 20000
 SOAK_KILLS ?= 10
 
-.PHONY: help venv run services test lint bench clean distclean fuzz soak
+.PHONY: help venv run services test lint bench clean distclean fuzz soak screenshots
 
 # A venv whose Python no longer starts (its interpreter was removed or upgraded) or lost pip is
 # rebuilt even when its stamp is newer than pyproject.toml.
@@ -42,6 +45,7 @@ help:
 	@echo "make venv       create $(VENV) and install mailroute with its dev extras"
 	@echo "make services   install Dovecot; install and start RabbitMQ and PostgreSQL if absent"
 	@echo "make lint       ruff and mypy"
+	@echo "make screenshots  the browser tests, saving each page of \`mailroute web\` into $(SCREENSHOTS)"
 	@echo "make bench      pipeline, parse, ingest, persist, memory benchmarks (BENCH_ARGS=\"ingest --quick\")"
 	@echo "make fuzz       fuzz parse and route for FUZZ_SECONDS (atheris; else a Hypothesis loop)"
 	@echo "make soak       the SIGKILL fault test at SOAK_MESSAGES messages, SOAK_KILLS kills per worker kind"
@@ -95,6 +99,10 @@ services:
 
 test: venv services
 	"$(VENV)/bin/pytest" -q $(PYTEST_ARGS)
+
+# The same browser tests as in `make test`, with their PNGs also saved into $(SCREENSHOTS).
+screenshots: venv services
+	SCREENSHOT_DIR="$(abspath $(SCREENSHOTS))" "$(VENV)/bin/pytest" -q tests/browser $(PYTEST_ARGS)
 
 lint: venv
 	@paths=""; \

@@ -12,6 +12,9 @@
 #   - Prometheus (Debian's prometheus, for promtool and the scrape test): installed only; the
 #     tests start their own on free ports, so a system Prometheus the install started (and
 #     that would hold port 9090) is stopped and disabled again.
+#   - Chromium (Debian's chromium and chromium-driver): installed only, for the browser tests
+#     of the operations page (tests/browser/), which drive it headless through
+#     /usr/bin/chromedriver; nothing downloads a browser of its own.
 #
 # Idempotent and quiet when everything is there; prints what it installs or starts.  Every wait
 # has a timeout (SETUP_TIMEOUT seconds, default 120) and fails naming the service.
@@ -26,7 +29,7 @@ log() { echo "debian-setup: $*"; }
 die() { echo "debian-setup: ERROR: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 require_root() {
@@ -243,6 +246,12 @@ setup_prometheus() {
     fi
 }
 
+# --- Chromium --------------------------------------------------------------------------------
+
+setup_chromium() {
+    apt_install chromium chromium-driver || true
+}
+
 main() {
     case "${1:-}" in
         "") ;;
@@ -251,6 +260,7 @@ main() {
     esac
     setup_dovecot
     setup_prometheus
+    setup_chromium
     setup_rabbitmq
     setup_postgresql
 }

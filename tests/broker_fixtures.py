@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,13 @@ class Vhost:
 
 @pytest.fixture
 def rabbit_vhost() -> Iterator[Vhost]:
+    with private_vhost() as vhost:
+        yield vhost
+
+
+@contextmanager
+def private_vhost() -> Iterator[Vhost]:
+    """A fresh vhost for the block (for fixtures of a wider scope than ``rabbit_vhost``)."""
     name = f"mailroute-test-{uuid.uuid4().hex[:10]}"
     quoted = urllib.parse.quote(name, safe="")
     try:
