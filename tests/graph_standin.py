@@ -175,7 +175,13 @@ class GraphStandIn:
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self.tls)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            # The handshake happens in the request's own thread, at its first read: done in
+            # accept, one silent client would hold up the whole server.
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
+        # A connection reset between select() and accept() leaves a blocking accept() waiting
+        # for the next client, and shutdown() waiting for it: accept gives up after a second.
+        self._server.socket.settimeout(1.0)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name="graph-standin", daemon=True)
@@ -589,6 +595,7 @@ def forward_as_attachment(user: str, recipient: str, raw: bytes) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     standin: GraphStandIn
     protocol_version = "HTTP/1.1"
+    timeout = 30  # a silent connection ends its thread
     disable_nagle_algorithm = True  # else each keep-alive answer waits for a delayed ACK
 
     def _serve(self) -> None:
