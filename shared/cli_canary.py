@@ -90,37 +90,19 @@ def canary_lines(settings: Settings, engine: Any) -> list[str]:
 
 def _table(settings: Settings, engine: Any) -> tuple[list[str], int, bool]:
     """The lines, how many principals are missing or failed, whether any canary exists."""
-    from ingest.canary import canary_targets, format_time
-    from persist.canaries import CanaryStore
+    from ingest.canary import format_time
+    from shared.fleet_ops import CANARY_FAILING, canary_rows
 
-    targets = canary_targets(settings)
-    states = CanaryStore(engine).states([t.key for t in targets])
+    rows = canary_rows(settings, engine)
     lines = [f"{'CANARY FOR':<24} {'STATE':<8} {'LAST SENT':<20} {'LAST SEEN':<20} "
              f"{'ROUND TRIP':>10}  DETAIL"]
-    bad = 0
-    for target in targets:
-        state = states[target.key]
-        who = f"{target.principal_kind} {target.principal}"
-        if state.latest is None:
+    for row in rows:
+        who = f"{row.principal_kind} {row.principal}"
+        if row.state == "never":
             lines.append(f"{who:<24} {'-':<8} {'-':<20} {'-':<20} {'-':>10}  never")
             continue
-        if state.state in ("missing", "failed"):
-            bad += 1
-        seen = state.last_seen
-        roundtrip = f"{seen.roundtrip:.1f}s" if seen and seen.roundtrip is not None else "-"
-        detail = _detail(state.state, state.verdict.detail if state.verdict else None,
-                         settings.canaries.deadline)
-        lines.append(f"{who:<24} {state.state:<8} {format_time(state.latest.sent_at):<20} "
-                     f"{format_time(seen.seen_at if seen else None):<20} {roundtrip:>10}  "
-                     f"{detail}")
-    return lines, bad, any(state.latest is not None for state in states.values())
-
-
-def _detail(state: str, detail: str | None, deadline: float) -> str:
-    if state == "missing":
-        return f"not seen within {deadline:.0f} s: check the forwarding rule"
-    if state == "failed":
-        return f"not sent: {detail or 'unknown error'}"[:160]
-    if state == "waiting":
-        return "first canary on its way"
-    return ""
+        roundtrip = f"{row.roundtrip:.1f}s" if row.roundtrip is not None else "-"
+        lines.append(f"{who:<24} {row.state:<8} {format_time(row.last_sent_at):<20} "
+                     f"{format_time(row.last_seen_at):<20} {roundtrip:>10}  {row.detail}")
+    bad = sum(row.state in CANARY_FAILING for row in rows)
+    return lines, bad, any(row.state != "never" for row in rows)

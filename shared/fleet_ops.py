@@ -2,7 +2,9 @@
 
 Takes the settings and a migrated database engine; gives :func:`fleet_rows` (one
 :class:`FleetRow` per configured mailbox: status, failure streak, last success and error, who
-polls it, when it is due, messages fetched), :func:`check_mailbox` (connect, log in and look at
+polls it, when it is due, messages fetched), :func:`canary_rows` (one :class:`CanaryRow` per
+user or queue whose mail comes through a forward mailbox: its canaries' state),
+:func:`check_mailbox` (connect, log in and look at
 the folder, fetching and changing nothing; gives a one-line report) and
 :func:`enable_mailbox` (poll a disabled mailbox again at once).  Fails with
 :class:`MailboxTestFailed` (its message names the mailbox and the server's answer, never a
@@ -35,6 +37,56 @@ class FleetRow:
     due_in: float | None  # seconds until the next poll (<= 0: due now); None: no schedule yet
     error: str  # why it is disabled, or its last error while failing; "" otherwise
     fetched: int
+
+
+@dataclass(frozen=True)
+class CanaryRow:
+    principal_kind: str  # user | queue
+    principal: str
+    forward_mailbox: str
+    state: str  # ok | missing | failed | waiting | never (no canary sent yet)
+    last_sent_at: datetime | None
+    last_seen_at: datetime | None
+    roundtrip: float | None  # seconds from sending to persist seeing the last one seen
+    detail: str  # why missing or failed, "" otherwise
+
+
+CANARY_FAILING = ("missing", "failed")
+
+
+def canary_rows(settings: Settings, engine: Any) -> list[CanaryRow]:
+    """Each forwarding user's and queue's canaries (``mailroute canary status``, the page)."""
+    from ingest.canary import canary_targets
+    from persist.canaries import CanaryStore
+
+    targets = canary_targets(settings)
+    states = CanaryStore(engine).states([t.key for t in targets])
+    rows = []
+    for target in targets:
+        found = states[target.key]
+        seen = found.last_seen
+        state = "never" if found.latest is None else found.state
+        rows.append(CanaryRow(
+            principal_kind=target.principal_kind, principal=target.principal,
+            forward_mailbox=target.forward_mailbox, state=state,
+            last_sent_at=found.latest.sent_at if found.latest else None,
+            last_seen_at=seen.seen_at if seen else None,
+            roundtrip=seen.roundtrip if seen else None,
+            detail=_canary_detail(state, found.verdict.detail if found.verdict else None,
+                                  settings.canaries.deadline)))
+    return rows
+
+
+def _canary_detail(state: str, detail: str | None, deadline: float) -> str:
+    if state == "missing":
+        return f"not seen within {deadline:.0f} s: check the forwarding rule"
+    if state == "failed":
+        return f"not sent: {detail or 'unknown error'}"[:160]
+    if state == "waiting":
+        return "first canary on its way"
+    if state == "never":
+        return "no canary sent yet"
+    return ""
 
 
 def fleet_rows(settings: Settings, engine: Any) -> list[FleetRow]:

@@ -383,3 +383,49 @@ def test_mailroute_web_serves_the_page_and_prints_its_address(config: Path,
         out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert "mailroute web stopped" in out and "Traceback" not in err
+
+
+def test_forwarding_users_canaries_show_on_the_mailboxes_page(tmp_path: Path) -> None:
+    """bob's canary came through his rule, carol's did not: carol is listed as failing."""
+    from datetime import UTC, datetime, timedelta
+
+    from ingest.canary import canary_targets, new_canary_id
+    from persist.canaries import CanaryStore
+
+    path = tmp_path / "canaries.yaml"
+    path.write_text(yaml.safe_dump({
+        "database": {"url": f"sqlite:///{tmp_path / 'c.db'}"},
+        "metrics": {"base_port": -1},
+        "mailboxes": [{"name": "forward", "kind": "maildir", "path": "fwd", "forward": True,
+                       "address": "forward@corp.example"}],
+        "users": [{"name": name, "address": f"{name}@corp.example", "forward": "forward"}
+                  for name in ("bob", "carol")],
+        "canaries": {"enabled": True, "deadline": 60, "delivery_url": "lmtp://127.0.0.1:24",
+                     "sender": "canary@corp.example"},
+    }))
+    settings = load_settings(path)
+    engine = create_engine_for(settings.database.url)
+    upgrade(engine)
+    now = [datetime(2026, 11, 27, 12, 0, tzinfo=UTC)]
+    store = CanaryStore(engine, lambda: now[0])
+    targets = canary_targets(settings)
+    sent = {c.principal: c for c in store.start_round(targets, 3600, 60, new_canary_id,
+                                                      force=True)}
+    for canary in sent.values():
+        store.mark_sent(canary.id)
+    now[0] += timedelta(seconds=2)
+    store.mark_seen(sent["bob"].id, "user", "bob")
+    now[0] += timedelta(seconds=120)
+    assert [c.principal for c in store.expire()] == ["carol"]
+
+    client = create_app(settings, engine, sources=[]).test_client()
+    page = text(client.get("/mailboxes"))
+    rows = dict(re.findall(r'<tr data-principal="([^"]+)" class="canary-([a-z]+)"', page))
+    assert rows == {"bob": "ok", "carol": "missing"}
+    carol = re.search(r'<tr data-principal="carol".*?</tr>', page, re.S)
+    assert carol and "not seen within 60 s" in carol.group(0)
+    assert "mailroute rules check --user carol" in carol.group(0)
+    assert "2.0 s" in page  # bob's round trip
+    failing = text(client.get("/mailboxes?failing=1"))
+    assert re.findall(r'<tr data-principal="([^"]+)"', failing) == ["carol"]
+    engine.dispose()

@@ -143,7 +143,8 @@ def create_app(settings: Settings, engine: Any,
     def mailboxes() -> str:
         failing = request.args.get("failing") == "1"
         return render_template("mailboxes.html", page="mailboxes", failing=failing,
-                               rows=data.mailboxes(failing_only=failing))
+                               rows=data.mailboxes(failing_only=failing),
+                               canaries=data.canaries(failing_only=failing))
 
     @app.post("/mailboxes/<path:name>/test")
     def mailbox_test(name: str) -> Response:

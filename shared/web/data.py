@@ -25,7 +25,7 @@ from typing import Any
 
 from persist.store import EmailStore
 from shared.dead_letters import DeadLetter, DeadLetterQueue
-from shared.fleet_ops import FleetRow, fleet_rows
+from shared.fleet_ops import CANARY_FAILING, CanaryRow, FleetRow, canary_rows, fleet_rows
 from shared.queue_metrics import PassiveDeclareReader
 from shared.settings import Settings
 from shared.topology import STAGES, Topology
@@ -128,6 +128,13 @@ class PageData:
     def mailboxes(self, failing_only: bool = False) -> list[FleetRow]:
         rows = fleet_rows(self.settings, self.engine)
         return [r for r in rows if r.status in FAILING] if failing_only else rows
+
+    def canaries(self, failing_only: bool = False) -> list[CanaryRow]:
+        """Forwarding users' canaries (none shown while canaries are off and never sent)."""
+        rows = canary_rows(self.settings, self.engine)
+        if not self.settings.canaries.enabled and all(r.state == "never" for r in rows):
+            return []
+        return [r for r in rows if r.state in CANARY_FAILING] if failing_only else rows
 
     # -- dead letters -----------------------------------------------------------------------
     def dead_letter_queue(self, stage: str) -> DeadLetterQueue:
