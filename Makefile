@@ -117,7 +117,12 @@ lint: venv
 	echo "mypy$$paths"; "$(VENV)/bin/mypy" $$paths || status=1; \
 	exit $$status
 
+# The ingest benchmark measures fetchmail and mbsync (Debian's isync) as peers.
 bench: venv services
+	@command -v fetchmail >/dev/null && command -v mbsync >/dev/null || { \
+	    echo "bench: installing the ingest benchmark's peers, fetchmail and isync (mbsync)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q && apt-get install -y -q fetchmail isync; }
 	"$(VENV_PY)" -m bench $(BENCH_ARGS)
 
 # atheris ships wheels for CPython 3.11 on x86-64 Linux; where it cannot be installed (no wheel,
