@@ -120,6 +120,7 @@ class Page:
             NoSuchElementException,
             StaleElementReferenceException,
             TimeoutException,
+            WebDriverException,
         )
         from selenium.webdriver.support.ui import WebDriverWait
 
@@ -130,6 +131,12 @@ class Page:
                 return condition()
             except AssertionError:
                 return False
+            except WebDriverException as exc:
+                # Chrome's own word for a stale element, when the document was replaced
+                # between finding an element and using it: try again.
+                if "does not belong to the document" in str(exc):
+                    return False
+                raise
 
         wait = WebDriverWait(self.driver, timeout, poll_frequency=0.25 if not refresh else 0.5,
                              ignored_exceptions=(NoSuchElementException,

@@ -76,9 +76,15 @@ def page(pipeline: Pipeline) -> Iterator[Page]:
 
 def log_in(page: Page, pipeline: Pipeline) -> None:
     page.open("/login")
-    field = page.one("input[name=token]")
-    assert field.get_attribute("type") == "password"
-    field.send_keys(pipeline.credentials.admin_token)
+
+    def type_token() -> bool:
+        field = page.one("input[name=token]")
+        assert field.get_attribute("type") == "password"
+        field.clear()
+        field.send_keys(pipeline.credentials.admin_token)
+        return True
+
+    page.await_(type_token, "the token typed into the login form's password field")
     page.follow(page.one("button#login"))
     assert page.page_name() != "login", f"the admin token was not accepted: {flash(page)}"
 
