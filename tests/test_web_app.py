@@ -32,6 +32,7 @@ from persist.mailbox_state import MailboxStateStore
 from shared.metrics import Metrics
 from shared.settings import Settings, load_settings
 from shared.web.app import create_app
+from shared.web.auth import LoginThrottle
 from shared.web.metrics_window import registry_source
 from tests.mailgen import crm_mail as mail
 from tests.processes import REPO
@@ -282,6 +283,37 @@ def test_a_wrong_token_is_refused_and_the_right_one_allows_the_actions(
     logged_out = client.post("/logout", data={"csrf_token": csrf(page)})
     assert logged_out.status_code == 303
     assert "action-enable" not in text(client.get("/mailboxes"))
+
+
+def test_repeated_wrong_tokens_lock_that_address_out_for_a_while(
+        settings: Settings, engine: Engine) -> None:
+    now = [1000.0]
+    throttle = LoginThrottle(max_failures=3, window=60, clock=lambda: now[0])
+    client = create_app(settings, engine, sources=[], throttle=throttle).test_client()
+    for _ in range(3):
+        assert login(client, "guess-guess-guess-guess").status_code == 403
+    locked = login(client)  # even the right token, while locked out
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "61"
+    assert "too many wrong tokens from this address" in text(locked)
+    assert "action-enable" not in text(client.get("/mailboxes"))
+    now[0] += 30
+    assert login(client).status_code == 429
+    now[0] += 31  # the first failure has left the window
+    assert login(client).status_code == 303
+    assert "action-enable" in text(client.get("/mailboxes"))
+    # a right token cleared the count: one more wrong one is not a lock-out
+    assert login(client, "guess-guess-guess-guess").status_code == 403
+    assert login(client).status_code == 303
+
+
+def test_the_throttle_forgets_the_quietest_addresses_first() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(max_failures=1, window=60, max_addresses=2, clock=lambda: now[0])
+    for address in ("a", "b", "c"):
+        throttle.failed(address)
+        now[0] += 1
+    assert throttle.wait_needed("a") == 0  # forgotten
+    assert throttle.wait_needed("b") == 58 and throttle.wait_needed("c") == 59
 
 
 def test_a_post_without_the_sessions_csrf_token_is_refused(

@@ -65,9 +65,12 @@ def metric_sources(settings: Settings) -> list[Source]:
 
 
 def create_app(settings: Settings, engine: Any,
-               sources: Sequence[Source] | None = None) -> Flask:
+               sources: Sequence[Source] | None = None,
+               throttle: auth.LoginThrottle | None = None) -> Flask:
     """The operations page over ``engine`` and the broker of ``settings``; ``sources`` are
-    the workers' metrics (default: :func:`metric_sources`)."""
+    the workers' metrics (default: :func:`metric_sources`); ``throttle`` limits wrong admin
+    tokens per client address (default: 5 in 5 minutes)."""
+    throttle = throttle or auth.LoginThrottle()
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=auth.session_key(settings.web.admin_token),
@@ -202,13 +205,25 @@ def create_app(settings: Settings, engine: Any,
         return render_template("login.html", page="login")
 
     @app.post("/login")
-    def login() -> Response | tuple[str, int]:
+    def login() -> Response | tuple[str, int, dict[str, str]] | tuple[str, int]:
         require_csrf()
+        client = request.remote_addr or "-"
+        wait = throttle.wait_needed(client)
+        if wait > 0:
+            log.warning("web: logins from %s refused for %.0f s after repeated wrong admin "
+                        "tokens", client, wait)
+            flash(f"too many wrong tokens from this address: try again in {wait:.0f} s",
+                  "error")
+            return (render_template("login.html", page="login"), 429,
+                    {"Retry-After": str(int(wait) + 1)})
         if not auth.token_matches(settings.web.admin_token, request.form.get("token", "")):
-            log.warning("web: a login with a wrong admin token from %s", request.remote_addr)
+            log.warning("web: a login with a wrong admin token from %s", client)
+            if admin_possible:
+                throttle.failed(client)
             flash("wrong admin token" if admin_possible
                   else "no web.admin_token is configured: the page is read-only", "error")
             return render_template("login.html", page="login"), 403
+        throttle.succeeded(client)
         session.clear()  # a fresh session (and CSRF token) for the admin
         session["admin"] = True
         session.permanent = True
