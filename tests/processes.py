@@ -51,7 +51,10 @@ class Workers:
                 [sys.executable, "-m", module, "--config", str(self.config),
                  "worker", stage],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                # faulthandler: a worker that will not stop is sent SIGABRT, and its log then
+                # shows where each of its threads was
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+                     **(env or {})})
             log.close()
 
     def log_path(self, stage: str) -> Path:
@@ -88,8 +91,12 @@ class Workers:
             try:
                 codes[stage] = process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                process.kill()
-                codes[stage] = process.wait()
+                process.send_signal(signal.SIGABRT)  # its threads' stacks go to its log
+                try:
+                    codes[stage] = process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    codes[stage] = process.wait()
         return codes
 
     def logs(self) -> str:

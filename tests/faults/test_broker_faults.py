@@ -63,7 +63,7 @@ def test_broker_restart_under_load_loses_nothing(pipeline: Pipeline,
     pipeline.wait_persisted()
     pipeline.assert_exactly_once()
     codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     assert "reconnecting" in pipeline.workers.log_path("persist").read_text()
     pipeline.assert_no_dead_letters()
 
@@ -84,7 +84,7 @@ def test_memory_alarm_pauses_ingest_without_advancing_its_cursor(
     pipeline.wait_persisted()
     pipeline.assert_exactly_once()
     codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()
 
 
@@ -107,7 +107,7 @@ def test_queue_at_its_limit_rejects_publish_and_ingest_retries(
     pipeline.wait_persisted()
     pipeline.assert_exactly_once()
     codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()
 
 
@@ -125,5 +125,5 @@ def test_handler_slower_than_the_consumer_timeout_records_once(
     assert "reconnecting" in log, log[-3000:]
     pipeline.assert_exactly_once()
     codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()

@@ -61,7 +61,7 @@ def test_uidvalidity_change_resets_the_cursor_without_duplicates(
         assert "UIDVALIDITY changed" in pipeline.workers.log_path("ingest").read_text()
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()
 
 
@@ -81,7 +81,7 @@ def test_same_message_under_a_new_uid_is_recorded_once(
         pipeline.assert_exactly_once()
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
 
 
 def test_dovecot_restarted_under_load(tmp_path: Path, dovecot: DovecotServer,
@@ -98,7 +98,7 @@ def test_dovecot_restarted_under_load(tmp_path: Path, dovecot: DovecotServer,
         pipeline.assert_exactly_once()
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()
 
 
@@ -121,7 +121,7 @@ def test_imap_link_stalled_silently_times_out_and_recovers(
             pipeline.assert_exactly_once()
         finally:
             codes = pipeline.stop()
-        assert set(codes.values()) == {0}, pipeline.workers.logs()
+        assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
 
 
 # -- one poll, in this process, with another session acting in the middle --------------------

@@ -69,7 +69,7 @@ def test_random_sigkills_of_every_worker_kind_lose_and_double_nothing(
         pipeline.assert_exactly_once()
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()
 
 
@@ -106,5 +106,5 @@ def test_every_worker_killed_at_its_exact_crash_point_redelivers_and_records_onc
         pipeline.assert_exactly_once()
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()

@@ -66,7 +66,7 @@ def test_links_stalled_silently_then_cut_lose_nothing(
             pipeline.assert_exactly_once()
         finally:
             codes = pipeline.stop()
-        assert set(codes.values()) == {0}, pipeline.workers.logs()
+        assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
         assert stalled_at < len(pipeline.sent)
         pipeline.broker_url = rabbit_vhost.url
         pipeline.assert_no_dead_letters()
@@ -136,7 +136,7 @@ def test_handler_slower_than_three_heartbeats_keeps_its_connection(
         assert pipeline.workers.counter("route", "mailroute_stage_messages_in_total") == 100
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     pipeline.assert_no_dead_letters()
 
 
@@ -158,7 +158,7 @@ def test_poison_message_is_dead_lettered_alone_while_the_rest_flows(
         retried = pipeline.workers.counter("parse", "mailroute_stage_messages_retried_total")
     finally:
         codes = pipeline.stop()
-    assert set(codes.values()) == {0}, pipeline.workers.logs()
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{pipeline.workers.logs()}"
     assert retried == 2  # retry.attempts is 3: two retries, then the dead letter
     dead = pipeline.dead_letters()
     assert list(dead) == ["mail.parse.dead"]
