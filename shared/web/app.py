@@ -40,7 +40,7 @@ from werkzeug.wrappers import Response
 from shared.settings import Settings
 from shared.topology import STAGES
 from shared.web import actions, auth
-from shared.web.data import DEAD_LETTERS_SHOWN, PageData, evidence_lines
+from shared.web.data import DEAD_LETTERS_SHOWN, PageData, evidence_lines, original_headers
 from shared.web.metrics_window import MetricsWindow, Source, url_source
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def create_app(settings: Settings, engine: Any,
     def page_globals() -> dict[str, Any]:
         return {"is_admin": auth.is_admin(session), "admin_possible": admin_possible,
                 "csrf_token": lambda: auth.csrf_token(session),
-                "when": _when, "ago": _ago, "evidence_lines": evidence_lines}
+                "when": _when, "ago": _ago, "evidence_lines": evidence_lines,
+                "original_headers": original_headers}
 
     @app.after_request
     def security_headers(response: Response) -> Response:

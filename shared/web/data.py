@@ -56,20 +56,8 @@ class Backlog:
 @dataclass
 class StageLetters:
     stage: str
-    letters: list[DeadLetterView] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
     error: str | None = None
-
-
-@dataclass
-class DeadLetterView:
-    id: str
-    stage: str
-    reason: str
-    detail: str
-    attempts: int | None
-    failed_at: str
-    trace_id: str
-    headers: dict[str, str]
 
 
 def broker_problem(exc: Exception) -> str:
@@ -151,7 +139,7 @@ class PageData:
             except Exception as exc:
                 found.append(StageLetters(stage, error=broker_problem(exc)))
                 continue
-            found.append(StageLetters(stage, [view_of(letter) for letter in letters]))
+            found.append(StageLetters(stage, letters))
         return found
 
     # -- emails -----------------------------------------------------------------------------
@@ -169,13 +157,6 @@ class PageData:
                 "cases": self.store.cases_for(email_id),
                 "parties": self.store.resolved_parties_for(email_id),
                 "attachments": self.store.attachments_for(email_id)}
-
-
-def view_of(letter: DeadLetter) -> DeadLetterView:
-    return DeadLetterView(id=letter.id, stage=letter.stage, reason=letter.reason,
-                          detail=letter.detail, attempts=letter.attempts,
-                          failed_at=letter.failed_at, trace_id=letter.trace_id,
-                          headers=original_headers(letter))
 
 
 def original_headers(letter: DeadLetter) -> dict[str, str]:
