@@ -149,12 +149,24 @@ class Page:
 
     def follow(self, element: Any) -> None:
         """Click a link or button that loads a page, and wait until that page is there."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.ui import WebDriverWait
 
         old = self.one("html")
         element.click()
-        WebDriverWait(self.driver, 30).until(expected_conditions.staleness_of(old))
+        gone = expected_conditions.staleness_of(old)
+
+        def replaced(driver: Any) -> bool:
+            try:
+                return bool(gone(driver))
+            except WebDriverException as exc:
+                # Chrome's other word for a stale element (see await_)
+                if "does not belong to the document" in str(exc):
+                    return True
+                raise
+
+        WebDriverWait(self.driver, 30).until(replaced)
         self.await_(lambda: self.driver.execute_script("return document.readyState")
                     == "complete", "the page to load")
 
