@@ -5,7 +5,8 @@ all four stages in one process (``run``, with the operations page), one stage pe
 (``worker STAGE``), the database migrations (``db upgrade``) or prints the fleet's state
 (``status``); the operations page alone is ``web`` (shared/cli_web.py).  Fails with a
 one-line error naming the problem and exit status 2 on a bad configuration, 1 when a server
-it needs cannot be reached; never with a traceback for those.
+it needs cannot be reached (a worker first waits ``retry.startup_wait`` seconds for one that
+is only down); never with a traceback for those.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from shared.cli_mailbox import fleet_lines, mailbox, secret
 from shared.cli_parse import parse_command
 from shared.cli_replay import replay
 from shared.cli_rules import rules
-from shared.cli_support import Context, MailrouteGroup, connect_or_fail, open_engine, safe_url
+from shared.cli_support import (
+    Context,
+    MailrouteGroup,
+    connect_or_fail,
+    connect_patiently,
+    open_engine,
+    safe_url,
+)
 from shared.cli_web import WebServer, web
 from shared.metrics import Metrics, MetricsServer
 from shared.queue_metrics import watch_queue_depths
@@ -250,30 +258,41 @@ def worker(obj: Context, stage: str) -> None:
     """Run one STAGE in this process (start several for scale-out).
 
     Its metrics are served on metrics.base_port + 0/1/2/3 for ingest/parse/route/persist.
-    SIGTERM finishes the current batch and exits.
+    A broker or database that is unreachable at start (refused, timed out, starting up) is
+    waited for, up to retry.startup_wait seconds (not ready meanwhile); a server that refuses
+    (wrong password, no such database) stops it at once.  SIGTERM finishes the current batch
+    (or the waiting) and exits.
     """
     settings = obj.load()
     # Handlers first: a SIGTERM while connecting is a clean stop, not death by signal.
     with _stop_on_signals() as stop:
-        broker = Broker(settings.broker)
-        connect_or_fail("broker", broker.declare)
-        needs_db = stage in ("ingest", "route", "persist")  # route reads earlier mail
-        engine = connect_or_fail("database", lambda: open_engine(settings)) if needs_db else None
-        if stop.is_set():
-            return
         metrics = Metrics()
-        watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
-        if stage == "ingest":
-            target = _ingest_target(settings, broker, engine, metrics, stop)
-            readiness: Callable[[], list[bool]] = lambda: [True]  # noqa: E731
-        else:
-            runner = StageRunner(_build_consumer_stage(stage, settings, engine, metrics),
-                                 settings, broker, metrics, stop)
-            target = runner.run
-            readiness = lambda: [runner.is_ready]  # noqa: E731
-        server = _metrics_server(settings, metrics, STAGE_PORT_OFFSET[stage], readiness)
-        click.echo(f"mailroute worker {stage} running (pid {os.getpid()})")
+        # /healthz answers while the servers are waited for (a liveness probe must not kill
+        # a patient worker); /readyz says not ready until the stage consumes.
+        ready: list[Callable[[], bool]] = [lambda: False]
+        server = _metrics_server(settings, metrics, STAGE_PORT_OFFSET[stage],
+                                 lambda: [ready[0]()])
         try:
+            broker = Broker(settings.broker)
+            connect_patiently("broker", settings.broker.url, broker.declare, settings.retry,
+                              stop)
+            needs_db = stage in ("ingest", "route", "persist")  # route reads earlier mail
+            engine = None
+            if needs_db and not stop.is_set():
+                engine = connect_patiently("database", settings.database.url,
+                                           lambda: open_engine(settings), settings.retry, stop)
+            if stop.is_set():
+                return
+            watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
+            if stage == "ingest":
+                target = _ingest_target(settings, broker, engine, metrics, stop)
+                ready[0] = lambda: True
+            else:
+                runner = StageRunner(_build_consumer_stage(stage, settings, engine, metrics),
+                                     settings, broker, metrics, stop)
+                target = runner.run
+                ready[0] = lambda: runner.is_ready
+            click.echo(f"mailroute worker {stage} running (pid {os.getpid()})")
             _run_threads({stage: target}, stop)
         finally:
             if server:

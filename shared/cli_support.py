@@ -3,21 +3,56 @@
 Takes the ``--config`` path from the command line; gives the settings (loaded once, logging
 configured), an upgraded database engine, and helpers that turn a configuration problem into
 exit status 2 and an unreachable server into exit status 1, each with a one-line message.
-Command groups live in their own ``shared/cli_*.py`` modules and are registered in
-``shared/cli.py``.
+:func:`connect_patiently` is the workers' start: a server that is only unreachable (refused,
+timed out, starting up: :func:`unreachable_reason`) is waited for with the ``retry`` backoff
+for up to ``retry.startup_wait`` seconds, one WARNING per attempt, until the stop event is set;
+anything else (authentication, a missing database, a bad URL, a migration it does not know)
+fails at once.  Command groups live in their own ``shared/cli_*.py`` modules and are
+registered in ``shared/cli.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from shared.errors import TransientError
 from shared.logs import configure_logging
-from shared.settings import ConfigError, Settings, load_settings
+from shared.runtime import backoff_delay
+from shared.settings import ConfigError, RetrySettings, Settings, load_settings
+
+log = logging.getLogger("mailroute")
+T = TypeVar("T")
+
+# What psycopg/libpq, py-amqp and the socket layer say when a server is not there *yet*,
+# lower case, with the short reason the start-up warning gives.  Only these are waited for;
+# a server that answers "no" (wrong password, no such database or vhost, a TLS failure, a
+# host name that does not exist) or a bad URL fails at once.
+PASSING_FAILURES = (
+    ("connection refused", "connection refused"),
+    ("timeout expired", "timed out"),  # libpq's connect_timeout
+    ("timed out", "timed out"),
+    ("connection reset", "connection reset"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("temporary failure in name resolution", "name server not answering"),
+    ("closed the connection unexpectedly", "connection closed by the server"),  # libpq
+    ("unexpectedly closed connection", "connection closed by the server"),  # py-amqp
+    ("the database system is starting up", "server starting up"),
+    ("the database system is not yet accepting connections", "server starting up"),
+    ("the database system is in recovery mode", "server recovering"),
+    ("the database system is shutting down", "server shutting down"),
+    ("too many clients already", "too many connections"),
+    ("remaining connection slots are reserved", "too many connections"),
+    ("connection_forced", "broker shutting down"),
+)
 
 
 class ConfigProblem(click.ClickException):
@@ -75,6 +110,61 @@ def connect_or_fail(what: str, action: Callable[[], Any]) -> Any:
         return action()
     except Exception as exc:
         raise click.ClickException(f"{what}: {exc}") from exc
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's
+        pending.extend((current.__cause__, current.__context__,
+                        orig if isinstance(orig, BaseException) else None))
+
+
+def unreachable_reason(error: BaseException) -> str | None:
+    """Why the server is unreachable, if ``error`` (or what it wraps) says only that; else
+    None: an error waiting cannot fix."""
+    for cause in _causes(error):
+        text = str(cause).lower()
+        for pattern, reason in PASSING_FAILURES:
+            if pattern in text:
+                return reason
+    return None
+
+
+def connect_patiently(what: str, url: str, action: Callable[[], T], retry: RetrySettings,
+                      stop: threading.Event, clock: Callable[[], float] = time.monotonic,
+                      rng: Callable[[], float] = random.random) -> T | None:
+    """Run ``action`` until it works; None if ``stop`` was set while waiting to try again.
+
+    A failure :func:`unreachable_reason` explains is retried after ``backoff_delay`` for up
+    to ``retry.startup_wait`` seconds; any other failure, or the last one, is the one-line
+    ``what: error`` with exit status 1 of :func:`connect_or_fail`.
+    """
+    deadline = clock() + retry.startup_wait
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return action()
+        except Exception as exc:
+            reason = unreachable_reason(exc)
+            remaining = deadline - clock()
+            if reason is None or remaining <= 0:
+                waited = f" (still unreachable after {retry.startup_wait:g}s, " \
+                         "retry.startup_wait)" if reason and retry.startup_wait > 0 else ""
+                raise click.ClickException(f"{what}: {exc}{waited}") from exc
+            delay = min(backoff_delay(retry, attempt, rng), remaining)
+            log.warning("%s %s unreachable (%s); retrying in %.1fs", what, safe_url(url),
+                        reason, delay)
+            if stop.wait(delay):
+                log.info("stopped while waiting for the %s", what)
+                return None
 
 
 def safe_url(url: str) -> str:

@@ -88,6 +88,9 @@ class RetrySettings:
     attempts: int = 5
     initial_delay: float = 0.5
     max_delay: float = 30.0
+    # How long a starting worker waits, with this backoff, for a broker or database that is
+    # unreachable (refused, timed out, starting up); 0 fails at once.
+    startup_wait: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -575,6 +578,9 @@ def _decrypt_secrets(settings: Settings) -> Settings:
 
 
 def _validate(settings: Settings) -> None:
+    if settings.retry.startup_wait < 0:
+        raise ConfigError(f"retry.startup_wait: {settings.retry.startup_wait} must be 0 or "
+                          "more (seconds; 0 fails at once)")
     journal = settings.broker.journal
     if not re.fullmatch(r"[1-9][0-9]*[YMDhms]", journal.max_age):
         raise ConfigError(f"broker.journal.max_age: {journal.max_age!r} is not a number "

@@ -47,6 +47,7 @@ def test_file_and_environment_overrides_make_one_frozen_object(tmp_path: Path) -
     assert settings.broker.url == "amqp://guest:guest@127.0.0.1:5672/%2F"
     assert settings.broker.prefetch == 100
     assert settings.retry.max_delay == 5.0
+    assert settings.retry.startup_wait == 300.0  # the default: 5 minutes for a server to come
     assert settings.log_format == "json"
     assert settings.mailbox("fwd").forward is True
     assert settings.server("corp").port == 993 and settings.server("corp").verify_tls
@@ -83,6 +84,8 @@ def test_maildir_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
      "users:\n  - {name: u, address: u@example.com, mailbox: a}\n"
      "queues:\n  - {name: q, address: U@Example.com, mailbox: a}",
      "queues.q.address: U@Example.com is used by another user or queue"),
+    ("retry: {startup_wait: -1}", "retry.startup_wait: -1.0 must be 0 or more"),
+    ("retry: {startup_wait: soon}", "retry.startup_wait: expected float, got 'soon'"),
     ("[1, 2]", "the top level must be a mapping"),
     ("a: [", "not valid YAML"),
 ])
