@@ -9,7 +9,6 @@ types with the servers' own words.  The wait loop runs on an injected clock and 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable
 
@@ -58,9 +57,9 @@ def test_a_server_that_answers_no_is_not_waited_for() -> None:
                 admin.set(username="mailroute_no_such_role")):
         error = database_failure(url.render_as_string(hide_password=False))
         assert unreachable_reason(error) is None, error
-    for url in ("amqp://guest:wrong-password@127.0.0.1:5672/%2F",
-                "amqp://guest:guest@127.0.0.1:5672/mailroute-no-such-vhost"):
-        error = broker_failure(url)
+    for broker_url in ("amqp://guest:wrong-password@127.0.0.1:5672/%2F",
+                       "amqp://guest:guest@127.0.0.1:5672/mailroute-no-such-vhost"):
+        error = broker_failure(broker_url)
         assert unreachable_reason(error) is None, error
 
 
@@ -86,7 +85,7 @@ def test_bad_urls_and_unknown_hosts_are_not_waited_for() -> None:
                               "name resolution"), "name server not answering"),
     (psycopg.OperationalError("consuming input failed: server closed the connection "
                               "unexpectedly"), "connection closed by the server"),
-    (socket.timeout("timed out"), "timed out"),
+    (TimeoutError("timed out"), "timed out"),  # what socket.timeout is
     (OSError("Server unexpectedly closed connection"), "connection closed by the server"),
     (ConnectionForced("CONNECTION_FORCED - broker forced connection closure with reason "
                       "'shutdown'"), "broker shutting down"),
