@@ -113,6 +113,8 @@ def connect_or_fail(what: str, action: Callable[[], Any]) -> Any:
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what it was raised from (not what it was raised while handling: an error
+    raised after a refused connection is a different error)."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -122,8 +124,7 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         orig = getattr(current, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's
-        pending.extend((current.__cause__, current.__context__,
-                        orig if isinstance(orig, BaseException) else None))
+        pending.extend((current.__cause__, orig if isinstance(orig, BaseException) else None))
 
 
 def unreachable_reason(error: BaseException) -> str | None:

@@ -105,6 +105,13 @@ def test_the_reason_is_found_under_the_wrappers() -> None:
             raise RuntimeError("database unavailable") from inner
     except RuntimeError as outer:
         assert unreachable_reason(outer) == "connection refused"
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError:
+            raise PermissionError("access denied") from None  # raised while handling it
+    except PermissionError as other:
+        assert unreachable_reason(other) is None
 
 
 # -- the wait ------------------------------------------------------------------------------
