@@ -14,6 +14,7 @@ angle brackets, several ``@`` (CVE-2023-27043 in ``email.utils``) -- matches not
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,8 +23,8 @@ from shared.settings import Settings
 PrincipalKind = Literal["user", "queue"]
 PartyKind = Literal["contact", "account"]
 
-# Characters that make an address mean different things to different parsers.
-_AMBIGUOUS = frozenset('"()<>,;:[]\\ \t\r\n')
+# Characters that make an address mean different things to different parsers, and controls.
+_AMBIGUOUS = re.compile(r'[\x00-\x20\x7f"()<>,;:\[\]\\]')
 
 
 def strict_address(text: str) -> str | None:
@@ -31,8 +32,7 @@ def strict_address(text: str) -> str | None:
     address = text.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
-    if address.count("@") != 1 or any(c in _AMBIGUOUS or ord(c) < 32 or ord(c) == 127
-                                      for c in address):
+    if address.count("@") != 1 or _AMBIGUOUS.search(address):
         return None
     local, domain = address.split("@")
     if not local or not domain or domain.startswith(".") or domain.endswith(".") \
