@@ -55,12 +55,14 @@ from bench.mail import RECIPIENT, plain_mail
 from bench.processes import ChainHops, StageWorkers
 from bench.profile import PySpy
 from persist.database import create_engine_for
+from shared.journal import JournalReader
 from shared.schemas import Codec
 from shared.settings import BrokerSettings
 from shared.topology import STAGES
 from shared.transport import Broker, Envelope, Publisher
 
 STALL_SECONDS = 60.0
+JOURNAL_QUIET_SECONDS = 2.0  # reading the journal ends when nothing more comes for this long
 PUBLISH_CHUNK = 500
 WARMUP_SECONDS = 1.0
 # A timestamp no real run carries: documents are encoded once with it and stamped on publish.
@@ -208,6 +210,36 @@ def latency_stats(latencies: list[float], sent: dict[str, float]) -> dict[str, A
         "mean_ms": sum(latencies) / len(latencies) * 1000,
         "achieved_rate": offered,
     }
+
+
+def journal_times(vhost: Vhost, since: datetime, tag: str) -> dict[str, dict[str, float]]:
+    """trace id -> {stage queue: publish time} of one run's messages, from the journal (each
+    hop's publish is stamped ``x-mailroute-published-ms``, so milliseconds only)."""
+    topology = Broker(BrokerSettings(url=vhost.url, prefix="mail")).topology
+    times: dict[str, dict[str, float]] = {}
+    with JournalReader(vhost.url, topology) as reader:
+        for entry in reader.read(since, stall_seconds=JOURNAL_QUIET_SECONDS):
+            trace = entry.headers.get("x-mailroute-trace")
+            if isinstance(trace, str) and trace.startswith(tag + "-") and entry.published_at:
+                times.setdefault(trace, {})[entry.routing_key] = entry.published_at.timestamp()
+    return times
+
+
+def hop_stats(times: dict[str, dict[str, float]], finished: dict[str, float],
+              sent: dict[str, float]) -> dict[str, dict[str, float]]:
+    """p50/p90/p99 in ms of each stage's share of the latency: from the publish into its
+    queue to the publish into the next (persist: to its transaction's start)."""
+    queues = [f"mail.{stage}" for stage in STAGES]
+    shares: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for trace, at in sent.items():
+        published = times.get(trace, {})
+        if trace not in finished or not all(q in published for q in queues[1:]):
+            continue
+        points = [at, *(published[q] for q in queues[1:]), finished[trace]]
+        for stage, start, end in zip(STAGES, points, points[1:], strict=False):
+            shares[stage].append(max(0.0, end - start))
+    return {stage: {f"p{int(q * 100)}": percentile(values, q) * 1000 for q in (0.5, 0.9, 0.99)}
+            for stage, values in shares.items() if values}
 
 
 def steady_rate(finish_times: list[float]) -> float:
@@ -429,7 +461,8 @@ class PipelineBench:
     def offered(self, label: str, vhost: Vhost, results: dict[int, dict[str, Any]],
                 done: Callable[[], int], finish_times: Callable[[str], dict[str, float]],
                 check: Callable[[], None],
-                histogram: Callable[[], dict[float, float]] | None = None) -> None:
+                histogram: Callable[[], dict[float, float]] | None = None,
+                hop_times: Callable[[str], dict[str, dict[str, float]]] | None = None) -> None:
         """A warm-up second, then ``duration`` seconds at each rate, one after the other."""
         publisher = self.publisher(vhost)
         try:
@@ -459,10 +492,15 @@ class PipelineBench:
                     stats["after_commit_share_within_s"] = {
                         str(le): (count - buckets.get(le, 0)) / total if total else None
                         for le, count in after.items() if le <= 0.1}
+                if hop_times:
+                    stats["hops_ms"] = hop_stats(hop_times(tag), finished, sent)
                 results[rate] = stats
                 progress(f"{label} at {rate} msg/s: p50 {stats['p50_ms']:.1f} ms, "
                          f"p99 {stats['p99_ms']:.1f} ms (offered "
                          f"{stats['achieved_rate']:.0f} msg/s)")
+                for hop, hop_stat in stats.get("hops_ms", {}).items():
+                    progress(f"  {hop:8s} p50 {hop_stat['p50']:6.1f}  p90 {hop_stat['p90']:6.1f}  "
+                             f"p99 {hop_stat['p99']:6.1f} ms")
         finally:
             publisher.close()
 
@@ -477,6 +515,7 @@ class PipelineBench:
                          chain.hops.check_alive)
 
     def pipeline_offered(self, vhost: Vhost, config: Path, work: Path, engine: Any) -> None:
+        began = datetime.now(UTC)
         with StageWorkers(config, work) as workers:
             workers.start(*STAGES)
             workers.wait_ready(*STAGES)
@@ -484,7 +523,8 @@ class PipelineBench:
                          lambda: int(committed(workers)),
                          lambda tag: rows_finished(engine, tag),
                          workers.check_alive,
-                         lambda: latency_buckets(workers))
+                         lambda: latency_buckets(workers),
+                         lambda tag: journal_times(vhost, began, tag))
             codes = workers.stop_all()
         if any(codes.values()):
             raise BenchError(f"workers exited with {codes}")
