@@ -226,19 +226,15 @@ class StageRunner:
     # -- one batch -----------------------------------------------------------------------
     def _process(self, batch: list[Message], connection: Connection, publisher: Publisher,
                  inflight: _Published | None) -> _Published:
-        """Handle ``batch`` while the previous batch's confirms come in; then ack that one
-        and publish this one's outputs (its confirms are waited for by the next call)."""
+        """Handle ``batch`` and publish its outputs; then ack the previous batch, whose
+        confirms came in meanwhile.  This batch's confirms are waited for by the next call.
+        Publishing before waiting for the previous confirms keeps a slow confirm from holding
+        this batch's mail back from the next stage; the previous batch is still acked only
+        after its own outputs are confirmed (if they never are, both batches are redelivered,
+        and this one's outputs are published again: at least once, never lost)."""
         self._messages_in.inc(len(batch))
         started = time.perf_counter()
         future = self._executor.submit(self._handle_batch, batch)
-        try:
-            if inflight is not None:
-                self._finish(inflight, publisher)
-        except BaseException:
-            # This batch is dropped unacked (redelivered); let its handler end first.
-            with contextlib.suppress(Exception):
-                self._wait_keeping_alive(future, connection, publisher)
-            raise
         results = self._wait_keeping_alive(future, connection, publisher)
         elapsed = time.perf_counter() - started
         for _ in batch:
@@ -254,7 +250,10 @@ class StageRunner:
                         {"x-mailroute-trace": out.document.get("trace_id", "")}))
             else:
                 envelopes.append(self._dead_letter(message, result))
-        return _Published(batch, results, publisher.send(envelopes))
+        sent = publisher.send(envelopes)
+        if inflight is not None:
+            self._finish(inflight, publisher)
+        return _Published(batch, results, sent)
 
     def _finish(self, published: _Published, publisher: Publisher) -> None:
         """Wait for a batch's confirms, then ack it and count what became of it."""

@@ -204,7 +204,7 @@ class Publisher:
 
     def send(self, envelopes: Sequence[Envelope]) -> Sent:
         """Publish without waiting for the confirms; :meth:`wait` for them before acting on
-        them, and before the next ``send`` (one batch in flight per publisher)."""
+        them.  Several batches may be in flight; each ``wait`` covers its own."""
         if not envelopes:
             return Sent(None, [])
         # An idle connection may have been closed by the broker (missed heartbeats): find
