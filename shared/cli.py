@@ -5,19 +5,17 @@ all four stages in one process (``run``, with the operations page), one stage pe
 (``worker STAGE``), the database migrations (``db upgrade``) or prints the fleet's state
 (``status``); the operations page alone is ``web`` (shared/cli_web.py).  Fails with a
 one-line error naming the problem and exit status 2 on a bad configuration, 1 when a server
-it needs cannot be reached (a worker first waits ``retry.startup_wait`` seconds for one that
-is only down); never with a traceback for those.
+it needs cannot be reached (``run``, ``worker`` and ``web`` first wait ``retry.startup_wait``
+seconds for one that is only down); never with a traceback for those.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -37,6 +35,7 @@ from shared.cli_support import (
     connect_patiently,
     open_engine,
     safe_url,
+    stop_on_signals,
 )
 from shared.cli_web import WebServer, web
 from shared.metrics import Metrics, MetricsServer
@@ -122,25 +121,6 @@ def _ingest_target(settings: Settings, broker: Broker, engine: Any, metrics: Met
     return poll_and_send_canaries
 
 
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("received %s: finishing the current batch, then stopping",
-                 signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _metrics_server(settings: Settings, metrics: Metrics, offset: int,
                     readiness: Callable[[], list[bool]]) -> MetricsServer | None:
     base = settings.metrics.base_port
@@ -184,36 +164,48 @@ def run(obj: Context) -> None:
 
     Applies database migrations, declares the queues, polls every configured mailbox and
     prints a line whenever new records are created.  Serves the operations page too (its
-    address is printed; web.enabled: false turns it off).
+    address is printed; web.enabled: false turns it off).  A PostgreSQL or RabbitMQ that is
+    unreachable at start is waited for, as by ``worker``, up to retry.startup_wait seconds.
     """
     settings = obj.load()
-    engine = connect_or_fail("database", lambda: open_engine(settings))
-    broker = Broker(settings.broker)
-    connect_or_fail("broker", broker.declare)
+    # Handlers first: a SIGTERM while connecting is a clean stop, not death by signal.
+    with stop_on_signals() as stop:
+        engine = connect_patiently("database", settings.database.url,
+                                   lambda: open_engine(settings), settings.retry, stop)
+        broker = Broker(settings.broker)
+        if engine is not None:
+            connect_patiently("broker", settings.broker.url, broker.declare, settings.retry,
+                              stop)
+        if not stop.is_set():
+            _run_stages(settings, engine, broker, stop)
+    click.echo("mailroute stopped")
+
+
+def _run_stages(settings: Settings, engine: Any, broker: Broker,
+                stop: threading.Event) -> None:
+    """``run`` once its servers answer: every stage in a thread of this process."""
     metrics = Metrics()
     watch_queue_depths(metrics, settings.broker.url, settings.broker.prefix)
     runners: list[StageRunner] = []
-    with _stop_on_signals() as stop:
-        for name in STAGES:
-            stage = _build_consumer_stage(name, settings, engine, metrics)
-            runners.append(StageRunner(stage, settings, broker, metrics, stop))
-        server = _metrics_server(settings, metrics, 0,
-                                 lambda: [r.is_ready for r in runners])
-        page = _web_server(settings, engine, metrics)
-        targets = {r.stage.name: r.run for r in runners}
-        targets["ingest"] = _ingest_target(settings, broker, engine, metrics, stop)
-        targets["report"] = _record_reporter(engine, stop)
-        click.echo(f"mailroute running: broker {safe_url(settings.broker.url)}, database "
-                   f"{safe_url(settings.database.url)}, {len(settings.mailboxes)} mailbox(es): "
-                   f"{', '.join(b.name for b in settings.mailboxes) or 'none'}. Ctrl-C stops.")
-        try:
-            _run_threads(targets, stop)
-        finally:
-            if server:
-                server.stop()
-            if page:
-                page.stop()
-    click.echo("mailroute stopped")
+    for name in STAGES:
+        stage = _build_consumer_stage(name, settings, engine, metrics)
+        runners.append(StageRunner(stage, settings, broker, metrics, stop))
+    server = _metrics_server(settings, metrics, 0,
+                             lambda: [r.is_ready for r in runners])
+    page = _web_server(settings, engine, metrics)
+    targets = {r.stage.name: r.run for r in runners}
+    targets["ingest"] = _ingest_target(settings, broker, engine, metrics, stop)
+    targets["report"] = _record_reporter(engine, stop)
+    click.echo(f"mailroute running: broker {safe_url(settings.broker.url)}, database "
+               f"{safe_url(settings.database.url)}, {len(settings.mailboxes)} mailbox(es): "
+               f"{', '.join(b.name for b in settings.mailboxes) or 'none'}. Ctrl-C stops.")
+    try:
+        _run_threads(targets, stop)
+    finally:
+        if server:
+            server.stop()
+        if page:
+            page.stop()
 
 
 def _web_server(settings: Settings, engine: Any, metrics: Metrics) -> WebServer | None:
@@ -265,7 +257,7 @@ def worker(obj: Context, stage: str) -> None:
     """
     settings = obj.load()
     # Handlers first: a SIGTERM while connecting is a clean stop, not death by signal.
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         metrics = Metrics()
         # /healthz answers while the servers are waited for (a liveness probe must not kill
         # a patient worker); /readyz says not ready until the stage consumes.

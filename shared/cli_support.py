@@ -3,21 +3,23 @@
 Takes the ``--config`` path from the command line; gives the settings (loaded once, logging
 configured), an upgraded database engine, and helpers that turn a configuration problem into
 exit status 2 and an unreachable server into exit status 1, each with a one-line message.
-:func:`connect_patiently` is the workers' start: a server that is only unreachable (refused,
-timed out, starting up: :func:`unreachable_reason`) is waited for with the ``retry`` backoff
-for up to ``retry.startup_wait`` seconds, one WARNING per attempt, until the stop event is set;
-anything else (authentication, a missing database, a bad URL, a migration it does not know)
-fails at once.  Command groups live in their own ``shared/cli_*.py`` modules and are
-registered in ``shared/cli.py``.
+:func:`connect_patiently` is how ``run``, ``web`` and ``worker`` start: a server that is only
+unreachable (refused, timed out, starting up: :func:`unreachable_reason`) is waited for with
+the ``retry`` backoff for up to ``retry.startup_wait`` seconds, one WARNING per attempt, until
+the stop event (:func:`stop_on_signals`) is set; anything else (authentication, a missing
+database, a bad URL, a migration it does not know) fails at once.  Command groups live in
+their own ``shared/cli_*.py`` modules and are registered in ``shared/cli.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -166,6 +168,27 @@ def connect_patiently(what: str, url: str, action: Callable[[], T], retry: Retry
             if stop.wait(delay):
                 log.info("stopped while waiting for the %s", what)
                 return None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event SIGTERM or SIGINT sets (a second one raises KeyboardInterrupt); the previous
+    handlers are back afterwards."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("received %s: finishing the current batch, then stopping",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def safe_url(url: str) -> str:

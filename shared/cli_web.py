@@ -5,7 +5,8 @@ serves :func:`shared.web.app.create_app` with waitress (a production WSGI server
 threads, no debugger, handles slow clients itself; werkzeug's own server is meant for
 development) and prints ``mailroute web: http://HOST:PORT/`` once it listens (``--port 0``
 takes a free port and prints it).  Runs until Ctrl-C or SIGTERM.  Exit status 2 on a bad
-configuration, 1 when the database cannot be reached or the address cannot be bound.
+configuration, 1 when the database cannot be reached (after waiting ``retry.startup_wait``
+seconds for one that is only down) or the address cannot be bound.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import click
 
-from shared.cli_support import Context, connect_or_fail, open_engine
+from shared.cli_support import Context, connect_patiently, open_engine, stop_on_signals
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class WebServer:
         self.app.extensions["mailroute"].close()
 
 
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
+def _stop_serving(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
@@ -83,21 +84,35 @@ def web(obj: Context, host: str | None, port: int | None) -> None:
     """Serve the operations page: flow, mailboxes, dead letters and emails.
 
     Read-only without a login; with web.admin_token set, logging in with it allows testing
-    and enabling mailboxes and retrying and purging dead letters.
+    and enabling mailboxes and retrying and purging dead letters.  A database that is
+    unreachable at start is waited for up to retry.startup_wait seconds.
     """
     settings = obj.load()
-    engine = connect_or_fail("database", lambda: open_engine(settings))
+    # Handlers first: a SIGTERM while waiting for the database is a clean stop.
+    with stop_on_signals() as stop:
+        engine = connect_patiently("database", settings.database.url,
+                                   lambda: open_engine(settings), settings.retry, stop)
+        if engine is not None and not stop.is_set():
+            _serve(settings, engine, host, port, stop)
+    click.echo("mailroute web stopped")
+
+
+def _serve(settings: Settings, engine: Any, host: str | None, port: int | None,
+           stop: threading.Event) -> None:
+    """Serve in this thread until SIGTERM or SIGINT (which then end waitress's loop)."""
     server = WebServer(settings, engine, host or settings.web.host,
                        settings.web.port if port is None else port)
-    click.echo(f"mailroute web: {server.url}")
-    if settings.web.admin_token is None:
-        click.echo("web: read-only (no web.admin_token configured)")
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = {s: signal.signal(s, _stop_serving) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if stop.is_set():  # a signal before the handlers above
+            return
+        click.echo(f"mailroute web: {server.url}")
+        if settings.web.admin_token is None:
+            click.echo("web: read-only (no web.admin_token configured)")
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         server.stop()
-    click.echo("mailroute web stopped")

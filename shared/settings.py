@@ -88,8 +88,8 @@ class RetrySettings:
     attempts: int = 5
     initial_delay: float = 0.5
     max_delay: float = 30.0
-    # How long a starting worker waits, with this backoff, for a broker or database that is
-    # unreachable (refused, timed out, starting up); 0 fails at once.
+    # How long a starting worker, run or web waits, with this backoff, for a broker or
+    # database that is unreachable (refused, timed out, starting up); 0 fails at once.
     startup_wait: float = 300.0
 
 

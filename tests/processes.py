@@ -1,4 +1,5 @@
-"""Worker processes for integration tests: ``mailroute worker STAGE`` as real subprocesses.
+"""Worker processes for integration tests: ``mailroute worker STAGE`` (or any other
+``mailroute`` command) as real subprocesses.
 
 Takes a configuration file; starts, signals and restarts one process per stage, each logging
 to its own file; reads each worker's metrics port from its output and scrapes its counters.
@@ -42,20 +43,24 @@ class Workers:
               env: dict[str, str] | None = None) -> None:
         """Start each stage's worker; ``module`` and ``env`` let fault tests inject faults."""
         for stage in stages:
-            generation = self.generation.get(stage, 0) + 1
-            self.generation[stage] = generation
-            log = open(self.log_path(stage), "ab")  # noqa: SIM115 - kept open by the child
-            log.write(f"--- start {generation}\n".encode())
-            log.flush()
-            self.processes[stage] = subprocess.Popen(
-                [sys.executable, "-m", module, "--config", str(self.config),
-                 "worker", stage],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                # faulthandler: a worker that will not stop is sent SIGABRT, and its log then
-                # shows where each of its threads was
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
-                     **(env or {})})
-            log.close()
+            self.start_command(stage, "worker", stage, module=module, env=env)
+
+    def start_command(self, name: str, *args: str, module: str = "shared.cli",
+                      env: dict[str, str] | None = None) -> None:
+        """Start ``mailroute ARGS...`` (``worker STAGE``, ``web``, ``run``) logging to NAME.log."""
+        generation = self.generation.get(name, 0) + 1
+        self.generation[name] = generation
+        log = open(self.log_path(name), "ab")  # noqa: SIM115 - kept open by the child
+        log.write(f"--- start {generation}\n".encode())
+        log.flush()
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(self.config), *args],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # faulthandler: a worker that will not stop is sent SIGABRT, and its log then
+            # shows where each of its threads was
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+                 **(env or {})})
+        log.close()
 
     def log_path(self, stage: str) -> Path:
         return self.log_dir / f"{stage}.log"

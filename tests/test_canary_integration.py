@@ -18,65 +18,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from click.testing import CliRunner
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from ingest.canary import Handover
 from ingest.sieve_rules import SieveClient
 from persist.canaries import CanaryStore
-from persist.store import EmailStore
 from shared.cli import main
 from tests import mailgen
 from tests.broker_fixtures import Vhost, drain_queue
 from tests.dovecot import DovecotServer
 from tests.processes import Workers, wait_for
+from tests.sieve_fixtures import (
+    DOMAIN,
+    USERS,
+    deliveries,
+    password,
+    sieve_dovecot,
+    write_config,
+)
 
 pytest_plugins = ["tests.db_fixtures"]
 pytestmark = pytest.mark.integration
 
-DOMAIN = "corp.example.com"
-FORWARD = f"forward@{DOMAIN}"
 DEADLINE = 6.0  # a canary through Sieve and the pipeline takes 1-1.5 s here
-USERS = ("alice", "bob", "carol")
-ADMIN, ADMIN_PASSWORD = "mailroute-admin", "admin-pass-canary-7"
 
 
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[DovecotServer]:
-    server = DovecotServer(tls=False, sieve=True)
-    for user in (*USERS, "forward"):
-        server.add_user(user, f"{user}-secret")
-    server.add_master_user(ADMIN, ADMIN_PASSWORD)
-    server.start()
-    yield server
-    server.stop()
-
-
-def write_config(path: Path, dovecot: DovecotServer, vhost: Vhost, engine: Engine) -> Path:
-    profile = dovecot.server_profile()
-    config: dict[str, Any] = {
-        "broker": {"url": vhost.url, "prefix": "mail", "confirm_timeout": 10},
-        "database": {"url": engine.url.render_as_string(hide_password=False)},
-        "retry": {"attempts": 3, "initial_delay": 0.05, "max_delay": 1.0},
-        "metrics": {"base_port": 0},
-        "servers": [{"name": "dovecot", "host": profile.host, "port": profile.port,
-                     "tls": "none"}],
-        "mailboxes": [{"name": "forward", "kind": "imap", "server": "dovecot",
-                       "interval": 0.3, "username": "forward", "password": "forward-secret",
-                       "forward": True, "address": FORWARD}],
-        "rule_servers": [{"name": "sieve", "host": profile.host, "port": dovecot.sieve_port,
-                          "tls": "none", "admin_user": ADMIN,
-                          "admin_password": ADMIN_PASSWORD}],
-        "users": [{"name": user, "address": f"{user}@{DOMAIN}", "forward": "forward",
-                   "rule": {"server": "sieve"}} for user in USERS],
-        "canaries": {"enabled": True, "interval": 3600, "deadline": DEADLINE,
-                     "delivery_url": f"lmtp://127.0.0.1:{dovecot.lmtp_port}",
-                     "sender": f"mailroute-canary@{DOMAIN}"},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    with sieve_dovecot() as server:
+        yield server
 
 
 def states(engine: Engine) -> dict[str, str]:
@@ -84,22 +55,13 @@ def states(engine: Engine) -> dict[str, str]:
     return {key[1]: state.state for key, state in found.items()}
 
 
-def deliveries(engine: Engine) -> list[tuple[str, str, str]]:
-    """(message_id, principal, decided_by) of every delivery, sorted."""
-    tables = EmailStore(engine).tables
-    with engine.connect() as connection:
-        found = connection.execute(
-            select(tables.emails.c.message_id, tables.deliveries.c.principal,
-                   tables.deliveries.c.evidence)
-            .join(tables.deliveries, tables.deliveries.c.email_id == tables.emails.c.id)
-        ).all()
-    return sorted((mid, principal, evidence["decided_by"]) for mid, principal, evidence in found)
-
-
 def test_a_deleted_rule_raises_that_users_canary_alert_until_rules_deploy_mends_it(
         tmp_path: Path, dovecot: DovecotServer, rabbit_vhost: Vhost,
         database: Engine) -> None:
-    config = write_config(tmp_path / "mailroute.yaml", dovecot, rabbit_vhost, database)
+    config = write_config(tmp_path / "mailroute.yaml", dovecot, rabbit_vhost, database,
+                          canaries={"enabled": True, "interval": 3600, "deadline": DEADLINE,
+                                    "delivery_url": f"lmtp://127.0.0.1:{dovecot.lmtp_port}",
+                                    "sender": f"mailroute-canary@{DOMAIN}"})
     runner = CliRunner()
 
     def mailroute(*args: str) -> Any:
@@ -139,7 +101,7 @@ def test_a_deleted_rule_raises_that_users_canary_alert_until_rules_deploy_mends_
 
         # carol deletes mailroute's rule: her next canary does not come back
         with SieveClient(dovecot.rule_server("own")) as client:
-            client.open("carol", "carol-secret", "")
+            client.open("carol", password("carol"), "")
             assert client.setactive("") and client.deletescript("mailroute-forward")
         sent = mailroute("canary", "send")
         assert sent.exit_code == 0, sent.output

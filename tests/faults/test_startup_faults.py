@@ -1,14 +1,16 @@
-"""Workers started while PostgreSQL is down wait for it (``retry.startup_wait``).
+"""Workers, ``run`` and ``web`` started while PostgreSQL is down wait for it
+(``retry.startup_wait``).
 
 The server is this module's own (tests/faults/private_postgres.py), stopped before the
-workers start.  They must say, once per attempt, what they wait for; answer ``/healthz`` but
-not ``/readyz`` meanwhile; work once the server is up (migrating a fresh database and
-recording every message exactly once); stop cleanly on SIGTERM while waiting; and not wait
-at all for a database that does not exist.
+processes start.  They must say, once per attempt, what they wait for; workers answer
+``/healthz`` but not ``/readyz`` meanwhile; they work once the server is up (migrating a fresh
+database and recording every message exactly once; ``run`` and ``web`` then serve); stop
+cleanly on SIGTERM while waiting; and not wait at all for a database that does not exist.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import urllib.error
@@ -70,8 +72,15 @@ def lone_worker(root: Path, broker_url: str, database_url: str) -> Workers:
         "database": {"url": database_url},
         "retry": {"initial_delay": 0.05, "max_delay": 1.0, "startup_wait": 600},
         "metrics": {"base_port": 0},
+        "web": {"port": 0},
     }))
     return Workers(config, root)
+
+
+def start_run_and_web(workers: Workers) -> None:
+    """``mailroute run`` (no mailboxes) and ``mailroute web``, logging to run.log, web.log."""
+    workers.start_command("run", "run")
+    workers.start_command("web", "web")
 
 
 def test_workers_started_before_postgres_wait_for_it_then_record_everything_once(
@@ -105,20 +114,54 @@ def test_workers_started_before_postgres_wait_for_it_then_record_everything_once
     pipeline.assert_no_dead_letters()
 
 
+def test_run_and_web_started_before_postgres_wait_for_it_then_serve(
+        tmp_path: Path, rabbit_vhost: Vhost, database_url: str,
+        private_postgres: PrivatePostgres) -> None:
+    private_postgres.stop()
+    workers = lone_worker(tmp_path, rabbit_vhost.url, database_url)
+    start_run_and_web(workers)
+    try:
+        for name in ("run", "web"):
+            wait_until_waiting(workers, name)
+        assert "mailroute running" not in log_of(workers, "run")
+        assert "mailroute web:" not in log_of(workers, "web")
+        private_postgres.start()
+        wait_for(lambda: "mailroute running: broker amqp://" in log_of(workers, "run"),
+                 "run to start its stages", on_timeout=workers.logs)
+        wait_for(lambda: "mailroute web: http://" in log_of(workers, "web"),
+                 "web to serve", on_timeout=workers.logs)
+        for name in ("run", "web"):  # run serves the page too
+            found = re.search(r"mailroute web: (http://\S+)", log_of(workers, name))
+            assert found, log_of(workers, name)
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(found.group(1) + "api/overview", timeout=30) as reply:
+                assert reply.status == 200
+    finally:
+        codes = {name: workers.kill(name, signal.SIGTERM) for name in ("run", "web")}
+    assert codes == {"run": 0, "web": 0}, workers.logs()
+    assert log_of(workers, "run").splitlines()[-1] == "mailroute stopped"
+    assert log_of(workers, "web").splitlines()[-1] == "mailroute web stopped"
+    assert "Traceback" not in workers.logs()
+
+
 def test_sigterm_while_waiting_for_the_database_is_a_clean_stop(
         tmp_path: Path, rabbit_vhost: Vhost, database_url: str,
         private_postgres: PrivatePostgres) -> None:
     private_postgres.stop()
     workers = lone_worker(tmp_path, rabbit_vhost.url, database_url)
     workers.start("persist")
+    start_run_and_web(workers)
+    names = ("persist", "run", "web")
     try:
-        wait_until_waiting(workers, "persist")
+        for name in names:
+            wait_until_waiting(workers, name)
     finally:
-        code = workers.kill("persist", signal.SIGTERM)
-    log = log_of(workers, "persist")
-    assert code == 0, log
-    assert "stopped while waiting for the database" in log
-    assert "Error" not in log and "Traceback" not in log
+        codes = {name: workers.kill(name, signal.SIGTERM) for name in names}
+    for name in names:
+        log = log_of(workers, name)
+        assert codes[name] == 0, log
+        assert "stopped while waiting for the database" in log
+        assert "Error" not in log and "Traceback" not in log
 
 
 def test_a_database_that_does_not_exist_fails_at_once(
