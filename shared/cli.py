@@ -11,6 +11,7 @@ seconds for one that is only down); never with a traceback for those.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -140,6 +141,10 @@ def _metrics_server(settings: Settings, metrics: Metrics, offset: int,
 
 
 def _run_threads(targets: dict[str, Callable[[], None]], stop: threading.Event) -> None:
+    # What start-up made (modules, settings, the stages and their clients) lives as long as
+    # the process: left to the collector, each full pass walked it all and stalled a worker
+    # for 40-150 ms (the pipeline's p99 at 300 msg/s; bench/README.md).
+    gc.freeze()
     threads = [threading.Thread(target=t, name=name, daemon=True)
                for name, t in targets.items()]
     for thread in threads:
