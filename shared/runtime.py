@@ -5,11 +5,12 @@ process's :class:`~shared.metrics.Metrics` and a stop event; :meth:`StageRunner.
 the stage's input queue until the event is set.  Deliveries that have already arrived form a
 batch (no timer: PERFORMANCE.md shows a timer doubles the median latency; at most half the
 prefetch, so that the broker can send the next batch meanwhile); the batch is handled in a
-helper thread while this thread keeps both connections' heartbeats alive and waits for the
-confirms of the previous batch's outputs, then acks that one; this batch's outputs and dead
-letters are then published, and acked once confirmed, while the next batch is handled.  So
-no input is acked before its outputs are confirmed (or, for persist, committed), and a crash
-anywhere before the ack redelivers, never loses.
+helper thread while this thread keeps both connections' heartbeats alive; its outputs and
+dead letters are then published at once, and only then does this thread wait for the
+confirms of the previous batch's outputs (which came in meanwhile) and ack that batch; this
+one is acked the same way after the next.  So no input is acked before its outputs are
+confirmed (or, for persist, committed), and a crash anywhere before the ack redelivers,
+never loses.
 
 Failure handling, per message: a document that does not decode, or a ``PermanentError``,
 goes to the stage's dead-letter queue at once with the reason in its headers;
