@@ -27,7 +27,7 @@ import yaml
 
 from shared.metrics import Metrics
 from shared.queue_metrics import QueueDepthCollector
-from shared.settings import load_settings
+from shared.settings import RetrySettings, WebSettings, load_settings
 from shared.topology import Topology
 from tests.broker_fixtures import Vhost
 from tests.processes import Workers, wait_for
@@ -267,8 +267,10 @@ def test_the_kubernetes_example_configuration_loads_with_its_environment(
     config = tmp_path / "mailroute.yaml"
     config.write_text(secrets["mailroute-config"]["mailroute.yaml"])
     settings = load_settings(config, environ={**secrets["mailroute-env"],
+                                              **secrets["mailroute-web"],
                                               "MAILROUTE_METRICS__HOST": "0.0.0.0"})
     assert settings.broker.journal.max_age == "7D"
+    assert settings.web.admin_token is not None
     assert [b.name for b in settings.mailboxes] == ["forward"]
 
 
@@ -280,14 +282,19 @@ def kubernetes_documents() -> list[dict[str, Any]]:
     return docs
 
 
+def docs_by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
 def test_kubernetes_manifests_run_each_worker_and_scale_three_on_queue_length() -> None:
     docs = kubernetes_documents()
     for doc in docs:
         assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     assert set(deployments) == {f"mailroute-{s}" for s in ("ingest", "parse", "route",
-                                                           "persist")}
-    for name, deployment in deployments.items():
+                                                           "persist", "web")}
+    workers = {name: d for name, d in deployments.items() if name != "mailroute-web"}
+    for name, deployment in workers.items():
         stage = name.removeprefix("mailroute-")
         spec = deployment["spec"]
         assert spec["selector"]["matchLabels"].items() <= \
@@ -314,5 +321,39 @@ def test_kubernetes_manifests_run_each_worker_and_scale_three_on_queue_length() 
                                capture_output=True, text=True, timeout=120)
         assert built.returncode == 0, built.stderr
         kinds = [d["kind"] for d in yaml.safe_load_all(built.stdout) if d]
-        assert kinds.count("Deployment") == 4 and kinds.count("ScaledObject") == 3
+        assert kinds.count("Deployment") == 5 and kinds.count("ScaledObject") == 3
+
+
+def test_kubernetes_web_page_reads_each_worker_kind_through_a_service(tmp_path: Path) -> None:
+    docs = kubernetes_documents()
+    (web,) = [d for d in docs if d["kind"] == "Deployment"
+              and d["metadata"]["name"] == "mailroute-web"]
+    (container,) = web["spec"]["template"]["spec"]["containers"]
+    assert container["args"][-3:] == ["web", "--host", "0.0.0.0"]
+    port = container["ports"][0]["containerPort"]
+    assert port == WebSettings().port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/login"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] > \
+        RetrySettings().startup_wait  # the page waits that long for its database
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    urls = yaml.safe_load(env["MAILROUTE_WEB__METRICS_URLS"])
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["mailroute-web"]["spec"]["ports"][0]["port"] == port
+    ports = {}
+    for name, deployment in docs_by_kind(docs, "Deployment").items():
+        (worker,) = deployment["spec"]["template"]["spec"]["containers"]
+        ports[name] = worker["ports"][0]["containerPort"]
+    for stage, offset in (("ingest", 0), ("parse", 1), ("route", 2), ("persist", 3)):
+        name = f"mailroute-{stage}"
+        service = services[name]
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == stage
+        assert service["spec"]["ports"][0]["port"] == ports[name] == 9400 + offset
+        assert f"http://{name}:{ports[name]}/metrics" in urls
+    config = tmp_path / "mailroute.yaml"
+    config.write_text("log_level: INFO\n")
+    loaded = load_settings(config, environ={
+        "MAILROUTE_WEB__METRICS_URLS": env["MAILROUTE_WEB__METRICS_URLS"]})
+    assert loaded.web.metrics_urls == tuple(urls)  # the variable reads as the page needs it
 
