@@ -27,7 +27,7 @@ import yaml
 
 from shared.metrics import Metrics
 from shared.queue_metrics import QueueDepthCollector
-from shared.settings import RetrySettings, WebSettings, load_settings
+from shared.settings import ConfigError, RetrySettings, WebSettings, load_settings
 from shared.topology import Topology
 from tests.broker_fixtures import Vhost
 from tests.processes import Workers, wait_for
@@ -322,6 +322,25 @@ def test_kubernetes_manifests_run_each_worker_and_scale_three_on_queue_length() 
         assert built.returncode == 0, built.stderr
         kinds = [d["kind"] for d in yaml.safe_load_all(built.stdout) if d]
         assert kinds.count("Deployment") == 5 and kinds.count("ScaledObject") == 3
+
+
+def test_kubernetes_pods_get_no_service_link_variables_which_would_be_read_as_settings(
+        tmp_path: Path) -> None:
+    docs = kubernetes_documents()
+    services = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Service")
+    # What Kubernetes would inject for them (service links): MAILROUTE_* variables that the
+    # settings loader reads as keys, and refuses.
+    injected = {f"{name.upper().replace('-', '_')}_SERVICE_HOST": "10.0.0.7"
+                for name in services if name.startswith("mailroute-")}
+    assert injected
+    config = tmp_path / "mailroute.yaml"
+    config.write_text("log_level: INFO\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_settings(config, environ=injected)
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+    assert len(pods) == 6
+    for pod in pods:
+        assert pod.get("enableServiceLinks") is False, pod["containers"][0]["name"]
 
 
 def test_kubernetes_web_page_reads_each_worker_kind_through_a_service(tmp_path: Path) -> None:
