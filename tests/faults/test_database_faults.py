@@ -45,9 +45,11 @@ def test_postgres_down_mid_transaction_acks_nothing_early(
         pipeline.wait_persisted(50)
         # Mail in flight when the database goes, however fast each stage is (when route and
         # persist kept up with ingest, they had nothing left to meet the stopped server
-        # with): parse, which needs no database, stops cleanly while ingest fills its queue,
-        # and starts again once the database is down.
+        # with): parse, which needs no database, stops cleanly; mail that arrives meanwhile
+        # (ingest may have read all of the first 400 already) waits in its queue, and parse
+        # starts again once the database is down.
         assert pipeline.workers.kill("parse", signal.SIGTERM) == 0
+        pipeline.send("alice", "pgdown-backlog", range(40))
         wait_for(lambda: (pipeline.queue_depth("mail.parse") or 0) >= 20,
                  "a backlog of 20 in mail.parse", on_timeout=pipeline.workers.logs)
         private_postgres.stop("immediate")
