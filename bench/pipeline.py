@@ -58,7 +58,7 @@ from persist.database import create_engine_for
 from shared.journal import JournalReader
 from shared.schemas import Codec
 from shared.settings import BrokerSettings
-from shared.topology import STAGES
+from shared.topology import STAGES, Topology
 from shared.transport import Broker, Envelope, Publisher
 
 STALL_SECONDS = 60.0
@@ -215,9 +215,8 @@ def latency_stats(latencies: list[float], sent: dict[str, float]) -> dict[str, A
 def journal_times(vhost: Vhost, since: datetime, tag: str) -> dict[str, dict[str, float]]:
     """trace id -> {stage queue: publish time} of one run's messages, from the journal (each
     hop's publish is stamped ``x-mailroute-published-ms``, so milliseconds only)."""
-    topology = Broker(BrokerSettings(url=vhost.url, prefix="mail")).topology
     times: dict[str, dict[str, float]] = {}
-    with JournalReader(vhost.url, topology) as reader:
+    with JournalReader(vhost.url, Topology("mail")) as reader:
         for entry in reader.read(since, stall_seconds=JOURNAL_QUIET_SECONDS):
             trace = entry.headers.get("x-mailroute-trace")
             if isinstance(trace, str) and trace.startswith(tag + "-") and entry.published_at:
@@ -229,7 +228,7 @@ def hop_stats(times: dict[str, dict[str, float]], finished: dict[str, float],
               sent: dict[str, float]) -> dict[str, dict[str, float]]:
     """p50/p90/p99 in ms of each stage's share of the latency: from the publish into its
     queue to the publish into the next (persist: to its transaction's start)."""
-    queues = [f"mail.{stage}" for stage in STAGES]
+    queues = [Topology("mail").input_queue(stage) for stage in STAGES]
     shares: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for trace, at in sent.items():
         published = times.get(trace, {})
