@@ -25,6 +25,7 @@ from typing import IO, Any
 import amqp
 from kombu import Connection
 
+from shared.amqp_frames import publish_batch
 from shared.transport import corked
 
 CONFIRM_TIMEOUT = 15.0
@@ -67,14 +68,11 @@ class ConfirmingPublisher:
         self.failure = "a message was returned unroutable"
 
     def publish_all(self, messages: list[amqp.Message], routing_key: str) -> None:
-        with corked(self.connection):  # as shared.transport does: the same bytes on the wire
-            for message in messages:
-                self.channel.basic_publish(
-                    amqp.Message(message.body, application_headers=message.headers or {},
-                                 content_type="application/json", content_encoding="utf-8",
-                                 delivery_mode=2),
-                    exchange=self.exchange, routing_key=routing_key, mandatory=True)
-                self.next_tag += 1
+        # framed and written as shared.transport does: the same bytes on the wire
+        with corked(self.connection):
+            self.next_tag += publish_batch(
+                self.channel, [(message.body, self.exchange, routing_key, message.headers or {})
+                               for message in messages], CONFIRM_TIMEOUT)
         last = self.next_tag - 1
         deadline = time.monotonic() + CONFIRM_TIMEOUT
         while self.confirmed_upto < last:

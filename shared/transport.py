@@ -32,6 +32,7 @@ from typing import Any
 
 from kombu import Connection
 
+from shared.amqp_frames import publish_batch
 from shared.errors import TransientError
 from shared.logs import traced
 from shared.schemas import Codec
@@ -213,22 +214,22 @@ class Publisher:
         with self._failing_publish():
             self._ensure()
             channel = self._channel
-            tags = []
+            first = self._next_tag
+            self._next_tag += len(envelopes)
+            tags = list(range(first, self._next_tag))
             published_ms = int(time.time() * 1000)
-            with corked(self._connection):
-                for envelope in envelopes:
-                    tag = self._next_tag
-                    self._next_tag += 1
-                    tags.append(tag)
-                    # The channel's own prepare/publish: kombu's Producer does the same plus
-                    # per-call serializer, compression and declaration work we do not need.
-                    message = channel.prepare_message(
-                        envelope.body, 0, "application/json", "utf-8",
-                        {**envelope.headers, "x-mailroute-publish-tag": tag,
-                         PUBLISHED_MS_HEADER: published_ms}, {"delivery_mode": 2})
-                    channel.basic_publish(message, exchange=envelope.exchange,
-                                          routing_key=envelope.routing_key, mandatory=True,
-                                          timeout=self._broker.settings.confirm_timeout)
+            messages = [(envelope.body, envelope.exchange, envelope.routing_key,
+                         {**envelope.headers, "x-mailroute-publish-tag": tag,
+                          PUBLISHED_MS_HEADER: published_ms})
+                        for tag, envelope in zip(tags, envelopes, strict=True)]
+            if self._broker.is_memory:
+                for body, exchange, routing_key, headers in messages:
+                    channel.basic_publish(channel.prepare_message(
+                        body, 0, "application/json", "utf-8", headers, {"delivery_mode": 2}),
+                        exchange=exchange, routing_key=routing_key, mandatory=True)
+            else:
+                with corked(self._connection):
+                    publish_batch(channel, messages, self._broker.settings.confirm_timeout)
             return Sent(channel, tags)
 
     def wait(self, sent: Sent) -> None:
