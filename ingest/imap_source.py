@@ -9,7 +9,9 @@ check (``STATUS UIDNEXT UIDVALIDITY``) before the folder is selected; :meth:`idl
 in IDLE for new mail.  :meth:`ImapSource.batches` yields the messages whose UID is
 above ``after_uid`` (``UID SEARCH n:*`` always returns the last message, so UIDs at or below
 the cursor are dropped), ``batch_size`` at a time, each body paired with the UID its own FETCH
-response carries; a message expunged meanwhile is simply missing.  :meth:`after_confirm`
+response carries; a message expunged meanwhile is simply missing.  The next batch's FETCH is
+sent as a batch is handed over (IMAP pipelining), so the server sends it while the caller
+publishes; its answer is read before any other command is sent.  :meth:`after_confirm`
 applies keep / seen / move / delete to one batch.  UID commands only.
 
 Fails with :class:`~ingest.errors.MailboxAuthError` when the login is refused and
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 SEEN = b"\\Seen"
 DELETED = b"\\Deleted"
 FETCH_ITEMS = "(BODY.PEEK[] INTERNALDATE)"
+# The next batch is asked for while this one is published only when this one is smaller than
+# this: a mailbox of very large messages does not hold two batches in memory.
+PREFETCH_BELOW_BYTES = 16 * 1024 * 1024
 
 ClientFactory = Callable[..., IMAPClient]
 
@@ -72,6 +77,9 @@ class ImapSource:
         self._client: IMAPClient | None = None
         self._uidvalidity: int | None = None
         self._selected = False
+        # A FETCH sent ahead (tag, UIDs) and, once read, its messages (UIDs, messages)
+        self._pending: tuple[Any, list[int]] | None = None
+        self._prefetched: tuple[list[int], list[FetchedMessage]] | None = None
 
     @property
     def uidvalidity(self) -> int | None:
@@ -150,6 +158,7 @@ class ImapSource:
         """
         if self._selected or uidvalidity is None:
             return True
+        self._settle()
         client = self._require_client()
         with self._translate("status"):
             status = client.folder_status(self._mailbox.folder, [b"UIDNEXT", b"UIDVALIDITY"])
@@ -159,6 +168,7 @@ class ImapSource:
 
     def summary(self) -> str:
         """For ``mailroute mailbox test``: the folder's size and UIDVALIDITY, without SELECT."""
+        self._settle()
         client = self._require_client()
         with self._translate("status"):
             status = client.folder_status(self._mailbox.folder,
@@ -167,6 +177,7 @@ class ImapSource:
                 f"UIDVALIDITY {int(status[b'UIDVALIDITY'])}, UIDNEXT {int(status[b'UIDNEXT'])}")
 
     def select(self) -> int:
+        self._settle()
         client = self._require_client()
         with self._translate("select"):
             status = client.select_folder(self._mailbox.folder)
@@ -183,6 +194,8 @@ class ImapSource:
     def idle_wait(self, timeout: float, stopped: Callable[[], bool] = lambda: False) -> bool:
         """Wait in IDLE up to ``timeout`` s; True as soon as the server reports new mail."""
         self._ensure_selected()
+        self._settle()
+        self._prefetched = None
         client = self._require_client()
         deadline = time.monotonic() + timeout
         # imaplib files untagged responses that come with a command's answer away instead of
@@ -220,6 +233,7 @@ class ImapSource:
     def close(self) -> None:
         client, self._client = self._client, None
         self._selected = False
+        self._pending = self._prefetched = None  # LOGOUT reads past an unread FETCH answer
         if client is None:
             return
         try:
@@ -235,6 +249,8 @@ class ImapSource:
     def new_uids(self, after_uid: int) -> list[int]:
         """UIDs above ``after_uid``, ascending (the n:* answer filtered to UIDs > n-1)."""
         self._ensure_selected()
+        self._settle()
+        self._prefetched = None
         client = self._require_client()
         with self._translate("search"):
             if after_uid == 0 and self._mailbox.since:
@@ -247,15 +263,41 @@ class ImapSource:
         self._ensure_selected()
         uids = self.new_uids(after_uid)
         size = max(1, self._mailbox.batch_size)
-        for start in range(0, len(uids), size):
-            wanted = uids[start:start + size]
-            messages = self._fetch(wanted)
+        chunks = [uids[start:start + size] for start in range(0, len(uids), size)]
+        for index, wanted in enumerate(chunks):
+            messages = self._fetched(wanted)
+            if index + 1 < len(chunks) and \
+                    sum(len(m.raw) for m in messages) <= PREFETCH_BELOW_BYTES:
+                # Ask for the next batch now: the server sends it while this one is published
+                # and confirmed, instead of after.
+                self._pending = (self._send_fetch(chunks[index + 1]), chunks[index + 1])
             if not messages:
                 continue  # all expunged meanwhile
             yield Batch(messages=messages, uidvalidity=self._uidvalidity,
                         last_uid=max(int(m.uid) for m in messages))
 
-    def _fetch(self, uids: list[int]) -> list[FetchedMessage]:
+    def _send_fetch(self, uids: list[int]) -> Any:
+        """Send ``UID FETCH`` for ``uids``; gives its tag, for :meth:`_read_fetch`."""
+        client = self._require_client()
+        with self._translate("fetch"):
+            return client._imap._command("UID", "FETCH", join_message_ids(uids), FETCH_ITEMS)
+
+    def _settle(self) -> None:
+        """Read the answer to a FETCH sent ahead, before any other command: imaplib would
+        otherwise hand its untagged responses to that command."""
+        if self._pending is not None:
+            tag, uids = self._pending
+            self._pending = None
+            self._prefetched = (uids, self._read_fetch(tag, uids))
+
+    def _fetched(self, uids: list[int]) -> list[FetchedMessage]:
+        self._settle()
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == uids:
+            return prefetched[1]
+        return self._read_fetch(self._send_fetch(uids), uids)
+
+    def _read_fetch(self, tag: Any, uids: list[int]) -> list[FetchedMessage]:
         client = self._require_client()
         wanted = set(uids)
         found: dict[int, FetchedMessage] = {}
@@ -264,7 +306,6 @@ class ImapSource:
             # imapclient's fetch() issues the same command; its general response parser cost
             # more CPU than the rest of ingest together, so the responses are read here.
             imap = client._imap
-            tag = imap._command("UID", "FETCH", join_message_ids(uids), FETCH_ITEMS)
             typ, data = imap._command_complete("FETCH", tag)
             if typ != "OK":
                 detail = data[0].decode(errors="replace") if data and isinstance(
@@ -295,6 +336,7 @@ class ImapSource:
         action = self._mailbox.after
         if not uids or action == "keep":
             return
+        self._settle()
         client = self._require_client()
         with self._translate(f"after-processing ({action})"):
             if action == "seen":

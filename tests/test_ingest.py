@@ -286,18 +286,65 @@ def test_a_stop_request_ends_the_poll_after_the_batch_in_hand(
 def test_expunge_between_search_and_fetch_never_pairs_a_body_with_the_wrong_uid(
         harness: Harness, user: str) -> None:
     h = harness
-    uids = [h.dovecot.deliver(user, message(n)) for n in range(3)]
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(4)]
     box = h.mailbox(user, batch_size=1, after="keep")
     with ImapSource(box, h.dovecot.server_profile()) as source:
         batches = source.batches(0)
-        first = next(batches)  # SEARCH done, first message fetched
+        # SEARCH done, the first message fetched and the second's FETCH sent ahead; the
+        # third's FETCH is sent only when the second batch is handed over.
+        first = next(batches)
         with h.dovecot.client(user, "INBOX") as other:
-            other.delete_messages([uids[1]])
-            other.uid_expunge([uids[1]])
+            other.delete_messages([uids[2]])
+            other.uid_expunge([uids[2]])
         rest = list(batches)
     fetched = {m.uid: marker_of(m.raw) for b in [first, *rest] for m in b.messages}
-    assert fetched == {str(uids[0]): "m0", str(uids[2]): "m2"}
-    assert rest[-1].last_uid == uids[2]
+    assert fetched == {str(uids[0]): "m0", str(uids[1]): "m1", str(uids[3]): "m3"}
+    assert rest[-1].last_uid == uids[3]
+
+
+def test_commands_between_batches_wait_for_the_fetch_sent_ahead(
+        harness: Harness, user: str) -> None:
+    """IMAP pipelining: batch n+1's FETCH is sent as batch n is handed over.  A command sent
+    meanwhile (after-processing, a new search) first reads that answer, so no response is
+    handed to the wrong command and every body keeps its UID."""
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
+    box = h.mailbox(user, batch_size=2, after="seen")
+    with ImapSource(box, h.dovecot.server_profile()) as source:
+        batches = source.batches(0)
+        first = next(batches)
+        source.after_confirm(first)  # a STORE while the second FETCH's answer is unread
+        second = next(batches)
+        assert source.new_uids(uids[3]) == [uids[4]]  # a SEARCH, the third FETCH unread
+        source.after_confirm(second)
+        third = next(batches)
+        source.after_confirm(third)
+        assert list(batches) == []
+    assert [[int(m.uid) for m in b.messages] for b in (first, second, third)] == \
+        [uids[0:2], uids[2:4], uids[4:]]
+    assert [marker_of(m.raw) for b in (first, second, third) for m in b.messages] == \
+        [f"m{n}" for n in range(5)]
+    assert sorted(h.dovecot.flags(user)) == uids
+    assert all(SEEN in flags for flags in h.dovecot.flags(user).values())
+
+
+def test_the_next_fetch_is_on_the_wire_before_a_batch_is_handed_over(
+        harness: Harness, user: str) -> None:
+    """The proxy drops the connection when the second batch's FETCH passes: the server never
+    answers it, and the first batch's after-processing, which must read that answer first,
+    finds the connection gone (nothing is flagged)."""
+    h = harness
+    uids = [h.dovecot.deliver(user, message(n)) for n in range(4)]
+    box = h.mailbox(user, batch_size=2, after="seen")
+    with StallableProxy(h.dovecot.host, h.dovecot.imap_port) as proxy:
+        proxy.drop_on(f"FETCH {uids[2]},{uids[3]} ".encode())
+        profile = replace(h.dovecot.server_profile("dovecot"), port=proxy.port)
+        with ImapSource(box, profile) as source:
+            first = next(source.batches(0))
+            assert [int(m.uid) for m in first.messages] == uids[0:2]
+            with pytest.raises(MailboxUnavailable, match=r"fetch on .* failed"):
+                source.after_confirm(first)
+    assert not any(SEEN in flags for flags in h.dovecot.flags(user).values())
 
 
 def test_uidvalidity_change_resets_the_cursor(harness: Harness, user: str) -> None:
