@@ -1,11 +1,13 @@
 """The ingest worker: polls every configured mailbox and hands new mail to the broker.
 
-Takes the :class:`~shared.settings.Settings`, a publisher (``publish(outputs)`` that returns
-only once the broker confirmed every output, else raises ``TransientError``), the mailbox
+Takes the :class:`~shared.settings.Settings`, a publisher (``send_outputs(outputs)``, and
+``wait(sent)`` that returns only once the broker confirmed every output, else raises
+``TransientError``), the mailbox
 state store (cursors and poll outcomes, ``persist.mailbox_state``) and the process's
 :class:`~shared.metrics.Metrics`; gives :class:`IngestWorker`.  For each batch of new messages
 the order of effects is fixed: publish ``raw`` documents and wait for the confirms, then save
-the cursor, then apply the mailbox's after-processing action.  A crash in between can only
+the cursor, then apply the mailbox's after-processing action; the next batch is published
+while the broker confirms the last one.  A crash in between can only
 make a message be fetched again (persistence removes the duplicate); nothing is flagged, moved
 or deleted before it is confirmed.
 
@@ -40,7 +42,9 @@ log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    def publish(self, outputs: Sequence[Output]) -> None: ...
+    def send_outputs(self, outputs: Sequence[Output]) -> Any: ...
+
+    def wait(self, sent: Any) -> None: ...
 
 
 class CursorLike(Protocol):
@@ -129,32 +133,53 @@ class IngestWorker:
                     stop: threading.Event | None = None,
                     still_mine: Callable[[], bool] | None = None,
                     confirmed: list[int] | None = None) -> int:
-        """One poll over an open source (also an IDLE session's); records nothing."""
+        """One poll over an open source (also an IDLE session's); records nothing.
+
+        Each batch is sent before the previous one is finished (confirmed, cursor saved,
+        acted on), so the broker stores one batch while the next is read and encoded."""
         counter = confirmed if confirmed is not None else [0]
         cursor = self._state.cursor(box.name, box.folder)
         if cursor is not None and not source.has_news(cursor.uidvalidity, cursor.last_uid):
             return 0
         after_uid = self._resume_point(box, source.uidvalidity, cursor)
-        for batch in source.batches(after_uid):
-            if still_mine is not None and not still_mine():
-                raise MailboxUnavailable(f"mailbox {box.name}: lease taken over by another "
-                                         "poller; stopping before publishing")
-            self._publisher.publish(self._outputs(box, batch))
-            if batch.uidvalidity is not None and batch.last_uid is not None:
-                self._state.save_cursor(box.name, box.folder, batch.uidvalidity,
-                                        batch.last_uid)
-            if isinstance(source, Pop3Source):
-                self._state.remember_uidls(box.name, [m.uid for m in batch.messages])
-            counter[0] += len(batch.messages)
-            self._metrics.mailbox_fetched.labels(mailbox=box.name).inc(len(batch.messages))
-            source.after_confirm(batch)
-            if stop is not None and stop.is_set():
-                break
+        in_flight: tuple[Batch, Any] | None = None
+        try:
+            for batch in source.batches(after_uid):
+                if still_mine is not None and not still_mine():
+                    raise MailboxUnavailable(f"mailbox {box.name}: lease taken over by another "
+                                             "poller; stopping before publishing")
+                sent = self._publisher.send_outputs(self._outputs(box, batch))
+                if in_flight is not None:
+                    self._finish(box, source, *in_flight, counter)
+                in_flight = (batch, sent)
+                if stop is not None and stop.is_set():
+                    break
+        except BaseException:
+            # What was sent before the failure is finished if its confirms come, so that the
+            # next poll does not fetch it again; the failure itself is what is raised.
+            if in_flight is not None:
+                with contextlib.suppress(Exception):
+                    self._finish(box, source, *in_flight, counter)
+            raise
+        if in_flight is not None:
+            self._finish(box, source, *in_flight, counter)
         if isinstance(source, Pop3Source):
             listed = set(source.listed)
             self._state.forget_uidls(box.name, sorted(self._state.seen_uidls(box.name)
                                                       - listed))
         return counter[0]
+
+    def _finish(self, box: MailboxSettings, source: MailSource, batch: Batch, sent: Any,
+                counter: list[int]) -> None:
+        """Wait for the batch's confirms, then save the cursor, then act on the messages."""
+        self._publisher.wait(sent)
+        if batch.uidvalidity is not None and batch.last_uid is not None:
+            self._state.save_cursor(box.name, box.folder, batch.uidvalidity, batch.last_uid)
+        if isinstance(source, Pop3Source):
+            self._state.remember_uidls(box.name, [m.uid for m in batch.messages])
+        counter[0] += len(batch.messages)
+        self._metrics.mailbox_fetched.labels(mailbox=box.name).inc(len(batch.messages))
+        source.after_confirm(batch)
 
     def record_success(self, box: MailboxSettings, confirmed: int) -> None:
         now = self._clock()

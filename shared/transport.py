@@ -3,8 +3,9 @@
 Takes the broker settings; gives :class:`Broker` (connections, topology declaration) and
 :class:`Publisher`, whose :meth:`Publisher.publish` sends a whole batch, then waits once for
 every confirm (PERFORMANCE.md: waiting for each confirm in turn halves a pipeline);
-:meth:`Publisher.send` and :meth:`Publisher.wait` are the two halves, so that a worker can
-handle its next batch while the confirms of the last one come in.  Each
+:meth:`Publisher.send` (or :meth:`Publisher.send_outputs` for stage outputs) and
+:meth:`Publisher.wait` are the two halves, so that a worker can handle its next batch while the
+confirms of the last one come in; stage outputs are logged as published once confirmed.  Each
 message is published ``mandatory``, so an unroutable one comes back instead of vanishing.
 Fails with :class:`~shared.errors.TransientError` when any message is nacked, returned, or not
 confirmed within ``confirm_timeout``; the caller has then acked nothing and advanced nothing,
@@ -27,7 +28,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kombu import Connection
@@ -79,6 +80,7 @@ class Sent:
 
     channel: Any
     tags: list[int]
+    outputs: Sequence[Output] = ()  # stage outputs, logged as published once confirmed
 
 
 class Broker:
@@ -185,6 +187,11 @@ class Publisher:
     def publish(self, outputs: Sequence[Output],
                 headers: Mapping[str, Any] | None = None) -> None:
         """Encode stage outputs and publish them all to their stage queues, confirmed."""
+        self.wait(self.send_outputs(outputs, headers))
+
+    def send_outputs(self, outputs: Sequence[Output],
+                     headers: Mapping[str, Any] | None = None) -> Sent:
+        """Encode stage outputs and publish them without waiting (:meth:`wait` for them)."""
         topology = self._broker.topology
         envelopes = [
             Envelope(self._codec.encode(out.edge, out.document), topology.exchange_name,
@@ -192,12 +199,7 @@ class Publisher:
                      {**(headers or {}), "x-mailroute-trace": out.document.get("trace_id", "")})
             for out in outputs
         ]
-        self.publish_envelopes(envelopes)
-        for out in outputs:  # ingest's outputs: the first line of each email's trace
-            source = out.document.get("source") or {}
-            log.info("published %s to %s", out.edge, topology.queue_for_edge(out.edge),
-                     extra=traced(out.document.get("trace_id"), edge=out.edge,
-                                  mailbox=source.get("mailbox"), uid=source.get("uid")))
+        return replace(self.send(envelopes), outputs=outputs)
 
     def publish_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Publish and wait for every confirm (``send`` then ``wait``)."""
@@ -234,13 +236,18 @@ class Publisher:
 
     def wait(self, sent: Sent) -> None:
         """Wait until everything ``sent`` is confirmed; TransientError if any is not."""
-        if not sent.tags or self._broker.is_memory:
-            return
-        with self._failing_publish():
-            if sent.channel is not self._channel:
-                raise TransientError("the publisher's connection was lost before the "
-                                     f"confirms of {len(sent.tags)} messages came")
-            self._wait_for_confirms(sent.tags)
+        if sent.tags and not self._broker.is_memory:
+            with self._failing_publish():
+                if sent.channel is not self._channel:
+                    raise TransientError("the publisher's connection was lost before the "
+                                         f"confirms of {len(sent.tags)} messages came")
+                self._wait_for_confirms(sent.tags)
+        topology = self._broker.topology
+        for out in sent.outputs:  # ingest's outputs: the first line of each email's trace
+            source = out.document.get("source") or {}
+            log.info("published %s to %s", out.edge, topology.queue_for_edge(out.edge),
+                     extra=traced(out.document.get("trace_id"), edge=out.edge,
+                                  mailbox=source.get("mailbox"), uid=source.get("uid")))
 
     @contextlib.contextmanager
     def _failing_publish(self) -> Iterator[None]:

@@ -38,7 +38,7 @@ from shared.settings import (
     TlsMode,
 )
 from shared.stage import Output
-from shared.transport import Broker, Publisher
+from shared.transport import Broker, Publisher, Sent
 from tests.broker_fixtures import Vhost, drain_queue
 from tests.dovecot import DovecotServer, dovecot_fixture
 from tests.tcp_proxy import StallableProxy
@@ -150,13 +150,16 @@ class WatchingPublisher:
         self.fail_calls = set(fail_calls)
         self.calls = 0
 
-    def publish(self, outputs: Sequence[Output]) -> None:
+    def send_outputs(self, outputs: Sequence[Output]) -> Sent:
         self.calls += 1
         if self.before is not None:
             self.before(outputs)
         if self.calls in self.fail_calls:
             raise TransientError("broker did not confirm")
-        self.inner.publish(outputs)
+        return self.inner.send_outputs(outputs)
+
+    def wait(self, sent: Sent) -> None:
+        self.inner.wait(sent)
 
 
 # ---- IMAP: fetching and cursors -------------------------------------------------------------
@@ -240,7 +243,8 @@ def test_batches_advance_the_cursor_one_confirmed_batch_at_a_time(
     with pytest.raises(TransientError):
         h.worker(box, publisher=failing).poll_once(box)
 
-    # Batch 1 confirmed: cursor at its highest UID, flagged; batch 2 refused: untouched.
+    # Batch 2 is refused while batch 1 waits for its confirms: batch 1 is still finished
+    # (cursor at its highest UID, flagged); batch 2 untouched.
     assert h.store.cursor(box.name, "INBOX").last_uid == uids[1]  # type: ignore[union-attr]
     flags = h.dovecot.flags(user)
     assert [SEEN in flags[u] for u in uids] == [True, True, False, False, False]
@@ -429,20 +433,31 @@ def test_with_several_batches_each_is_acted_on_only_after_its_own_confirm(
     uids = [h.dovecot.deliver(user, message(n)) for n in range(5)]
     move_to = "Processed" if action == "move" else None
     box = h.mailbox(user, batch_size=2, after=action, move_to=move_to)
-    at_publish: list[tuple[list[int], list[int], Any]] = []
+    seen: list[tuple[str, list[int], Any]] = []  # (moment, acted on, cursor)
 
-    def look(outputs: Sequence[Output]) -> None:
+    def look(moment: str) -> None:
         flags = h.dovecot.flags(user)
         acted = sorted(u for u in uids if u not in flags or SEEN in flags[u])
         cursor = h.store.cursor(box.name, "INBOX")
-        at_publish.append(([int(o.document["source"]["uid"]) for o in outputs], acted,
-                           cursor.last_uid if cursor else None))
+        seen.append((moment, acted, cursor.last_uid if cursor else None))
 
-    worker = h.worker(box, publisher=WatchingPublisher(h.publisher, before=look))
+    class Watching(WatchingPublisher):
+        def wait(self, sent: Sent) -> None:
+            super().wait(sent)
+            look(f"confirmed {[int(o.document['source']['uid']) for o in sent.outputs]}")
+
+    publisher = Watching(h.publisher, before=lambda outputs: look(
+        f"sending {[int(o.document['source']['uid']) for o in outputs]}"))
+    worker = h.worker(box, publisher=publisher)
     assert worker.poll_once(box) == 5
-    # Each batch published with exactly the earlier batches acted on and the cursor on them.
-    assert at_publish == [(uids[0:2], [], None), (uids[2:4], uids[0:2], uids[1]),
-                          (uids[4:], uids[0:4], uids[3])]
+    # A batch is sent while the one before waits for its confirms; each is acted on, and the
+    # cursor moved onto it, only once its own confirms came.
+    assert seen == [(f"sending {uids[0:2]}", [], None),
+                    (f"sending {uids[2:4]}", [], None),
+                    (f"confirmed {uids[0:2]}", [], None),
+                    (f"sending {uids[4:]}", uids[0:2], uids[1]),
+                    (f"confirmed {uids[2:4]}", uids[0:2], uids[1]),
+                    (f"confirmed {uids[4:]}", uids[0:4], uids[3])]
     assert sorted(int(d["source"]["uid"]) for d in h.published()) == uids
     flags = h.dovecot.flags(user)
     assert (all(SEEN in f for f in flags.values()) if action == "seen" else flags == {})
@@ -561,8 +576,8 @@ def test_run_polls_every_mailbox_and_one_failure_does_not_stop_the_others(
     published = threading.Event()
 
     class Signalling(WatchingPublisher):
-        def publish(self, outputs: Sequence[Output]) -> None:
-            super().publish(outputs)
+        def wait(self, sent: Sent) -> None:
+            super().wait(sent)
             published.set()
 
     worker = h.worker(bad_box, good_box, publisher=Signalling(h.publisher))
