@@ -106,6 +106,12 @@ def test_large_bodies_are_written_in_bounded_pieces(monkeypatch: pytest.MonkeyPa
     assert channel.connection.transport.writes >= 100_000 // (10_000 + FRAME_MAX)
 
 
+def test_a_text_body_is_encoded_as_py_amqp_encodes_it() -> None:
+    """py-amqp hands received bodies over as text when they carry a content encoding."""
+    messages: list[tuple[Any, str, str, dict[str, Any]]] = [("grüße ✉" * 100, "x", "y", {})]
+    assert ours(messages)[0] == py_amqp_bytes(messages)
+
+
 def test_other_header_types_go_through_py_amqps_encoder() -> None:
     headers = {"nested": {"a": 1}, "ratio": 0.5, "none": None, "list": [1, "two"]}
     assert encode_table(headers) == amqp.serialization.dumps("F", [headers])
