@@ -26,6 +26,7 @@ import amqp
 from kombu import Connection
 
 from shared.amqp_frames import publish_batch
+from shared.settings import BrokerSettings
 from shared.transport import corked
 
 CONFIRM_TIMEOUT = 15.0
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", default="")
     parser.add_argument("--exchange", default="mail")
-    parser.add_argument("--prefetch", type=int, default=50)
+    parser.add_argument("--prefetch", type=int, default=BrokerSettings().prefetch)
     parser.add_argument("--record", default="")
     parser.add_argument("--sql", default="")
     args = parser.parse_args(argv)

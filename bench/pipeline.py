@@ -79,7 +79,7 @@ class PipelineSettings:
     rates: tuple[int, ...] = (100, 300)
     duration: float = 20.0
     repeat: int = 1
-    prefetch: int = 50
+    prefetch: int = BrokerSettings().prefetch  # the workers' default
     sink: str = "none"
     profile_dir: Path | None = None
     seed: int = 8

@@ -70,7 +70,7 @@ class JournalSettings:
 class BrokerSettings:
     url: str = "memory://"
     prefix: str = "mail"
-    prefetch: int = 50
+    prefetch: int = 100
     confirm_timeout: float = 15.0
     heartbeat: int = 30
     delivery_limit: int = 5
