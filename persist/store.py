@@ -266,12 +266,12 @@ class EmailStore:
         """Insert the batch's rows (by table name, in the order of ``_WRITTEN``); gives the
         deliveries that were new.  Raises ``_LostRace`` when an email this batch meant to
         create was stored by another transaction since the look-up."""
-        tables = {table.name: table for table in self._tables.metadata.sorted_tables}
         if connection.dialect.name == "postgresql":
             inserted = self._write_in_one_statement(connection, rows, new_ids)
             emails = {int(row[1]) for row in inserted if row[0] == "email"}
             deliveries = [row[1:] for row in inserted if row[0] == "delivery"]
         else:
+            tables = self._tables.metadata.tables
             emails = {int(row.id) for row in self._insert_rows(
                 connection, tables["emails"], rows["emails"], returning=("id",))}
             if emails != new_ids:
