@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -133,6 +134,23 @@ def is_connection_error(error: exc.DBAPIError) -> bool:
     return isinstance(error, exc.OperationalError | exc.InterfaceError) or bool(
         error.connection_invalidated
     )
+
+
+@contextmanager
+def pipelined(connection: Connection) -> Iterator[Any]:
+    """The psycopg connection under ``connection`` in pipeline mode: the statements sent in
+    the block (and the transaction's BEGIN) travel together, one round trip for all, and
+    their cursors are read after the block.  psycopg errors come out as SQLAlchemy's
+    ``DBAPIError``s, as through ``connection.execute``, so :func:`translate_errors` and
+    :class:`KeptConnection` treat them alike."""
+    raw = connection.connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise RuntimeError(f"pipeline mode needs psycopg, not {type(raw).__name__}")
+    try:
+        with raw.pipeline():
+            yield raw
+    except psycopg.Error as error:
+        raise exc.DBAPIError.instance(None, None, error, psycopg.Error) from error
 
 
 class KeptConnection:

@@ -65,25 +65,43 @@ def resolve_parties(connection: Connection, tables: Tables,
     wanted = {a: address_keys(a) for a in addresses}
     if not wanted:
         return {}
-    keys = {k for ks in wanted.values() for k in ks}
-    values = keys | {domain_of(a) for a in wanted}
+    # one statement for both (persist resolves a whole batch's parties at once)
+    rows = connection.execute(party_statement(tables, connection.dialect.name),
+                              party_parameters(wanted)).all()
+    return match_parties(wanted, rows)
+
+
+def party_statement(tables: Tables, dialect_name: str) -> Any:
+    """The contacts and accounts whose address is one of ``keys`` or whose address or domain
+    is one of ``values`` (parameters, see :func:`party_parameters`); rows of (kind, value,
+    id, name, account_id), kind ``contact`` or the account address's kind."""
     contact_addresses, contacts = tables.contact_addresses, tables.contacts
     account_addresses, accounts_table = tables.account_addresses, tables.accounts
-    # one statement for both (persist resolves a whole batch's parties at once)
-    rows = connection.execute(union_all(
+    return union_all(
         select(literal_column("'contact'", String).label("kind"),
                contact_addresses.c.address.label("value"), contacts.c.id, contacts.c.name,
                contacts.c.account_id)
         .join(contacts, contacts.c.id == contact_addresses.c.contact_id)
-        .where(_one_of(connection, contact_addresses.c.address, keys)),
+        .where(_one_of(dialect_name, contact_addresses.c.address, "keys")),
         select(account_addresses.c.kind, account_addresses.c.value, accounts_table.c.id,
                accounts_table.c.name, null().label("account_id"))
         .join(accounts_table, accounts_table.c.id == account_addresses.c.account_id)
-        .where(_one_of(connection, account_addresses.c.value, values)))).all()
-    contacts_found = {row.value: PartyRef("contact", row.id, row.name, row.account_id)
-                      for row in rows if row.kind == "contact"}
-    accounts = {(row.kind, row.value): PartyRef("account", row.id, row.name)
-                for row in rows if row.kind != "contact"}
+        .where(_one_of(dialect_name, account_addresses.c.value, "values")))
+
+
+def party_parameters(wanted: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """The parameters of :func:`party_statement` for addresses and their lookup keys."""
+    keys = {k for ks in wanted.values() for k in ks}
+    return {"keys": sorted(keys), "values": sorted(keys | {domain_of(a) for a in wanted})}
+
+
+def match_parties(wanted: dict[str, tuple[str, ...]], rows: Iterable[Any]) -> dict[str, PartyRef]:
+    """Each wanted address's contact, else account, from :func:`party_statement`'s rows."""
+    rows = list(rows)
+    contacts_found = {row[1]: PartyRef("contact", row[2], row[3], row[4])
+                      for row in rows if row[0] == "contact"}
+    accounts = {(row[0], row[1]): PartyRef("account", row[2], row[3])
+                for row in rows if row[0] != "contact"}
     found: dict[str, PartyRef] = {}
     for address, address_key_list in wanted.items():
         match = next((contacts_found[k] for k in address_key_list if k in contacts_found),
@@ -96,12 +114,12 @@ def resolve_parties(connection: Connection, tables: Tables,
     return found
 
 
-def _one_of(connection: Connection, column: Any, values: set[str]) -> ColumnElement[bool]:
+def _one_of(dialect_name: str, column: Any, name: str) -> ColumnElement[bool]:
     # On PostgreSQL one array parameter, so the statement's text is the same every time: an
     # IN list of a parameter per value was rendered and parsed anew for each batch.
-    if connection.dialect.name == "postgresql":
-        return column == any_(bindparam(None, sorted(values), type_=postgresql.ARRAY(Text)))
-    return column.in_(sorted(values))
+    if dialect_name == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(Text)))
+    return column.in_(bindparam(name, expanding=True))
 
 
 class DirectoryStore:

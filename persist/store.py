@@ -13,9 +13,10 @@ Message-ID reused by a different message (another fingerprint) gets a key of its
 Every insert is ``ON CONFLICT DO NOTHING`` on a natural key, so a redelivered document
 changes nothing; the :class:`SaveResult` of each document says what was new.  A batch costs
 a fixed number of statements whatever its size: the stored emails looked up (and ids taken
-for the new ones) in one, the parties resolved in one, the rows written with one multi-row
-insert per table (on PostgreSQL one statement for all of them); a batch that finds one of its
-new emails stored meanwhile by another writer starts again from the look-up.
+for the new ones) in one, the parties resolved in one (on PostgreSQL both in one round trip
+with the transaction's BEGIN), the rows written with one multi-row insert per table (on
+PostgreSQL one statement for all of them); a batch that finds one of its new emails stored
+meanwhile by another writer starts again from the look-up.
 Fails with ``PermanentError("unstorable", ...)`` on a document it cannot store (missing or
 ill-typed fields, a value the database refuses; the whole batch is rolled back, so the caller
 can retry the documents one by one) and ``TransientError`` when the database is unreachable.
@@ -36,11 +37,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from persist.blobs import BlobStore, DatabaseBlobStore, sanitise_filename
-from persist.database import KeptConnection, translate_errors
-from persist.directory_store import DirectoryStore, PartyRef, resolve_parties
+from persist.database import KeptConnection, pipelined, translate_errors
+from persist.directory_store import (
+    DirectoryStore,
+    PartyRef,
+    match_parties,
+    party_parameters,
+    party_statement,
+)
 from persist.history import known_by_message_ids
 from persist.tables import CORRELATION_METHODS, Tables, build_tables
-from route.directory import strict_address
+from route.directory import address_keys, strict_address
 from route.history import KnownEmail
 from route.tracking import NOT_A_REPLY
 from shared.errors import PermanentError, TransientError
@@ -111,6 +118,7 @@ class EmailStore:
         self._create_unknown_contacts = create_unknown_contacts
         self._json_inserts: dict[Any, str] = {}  # statements by the shape of their rows
         self._kept = KeptConnection(engine)
+        self._party_sql: str | None = None  # party_statement, compiled for PostgreSQL
 
     @property
     def tables(self) -> Tables:
@@ -147,11 +155,14 @@ class EmailStore:
               now: datetime) -> list[SaveResult]:
         """The batch in a constant number of statements: look up the stored emails and take
         ids for the new ones, thread them, resolve their parties, then write the rows."""
-        first_items = self._assign_emails(connection, prepared)
+        wanted = {address: address_keys(address) for address in {
+            strict_address(row["address"]) for item in prepared for row in item.parties}
+            if address}
+        first_items, refs = self._assign_emails(connection, prepared, wanted)
         new_keys = set(first_items)
         new_items = list(first_items.values())  # in the order of the documents
         links = self._thread(connection, new_items)
-        parties, attachments = self._email_details(connection, new_items)
+        parties, attachments = self._email_details(connection, new_items, refs)
         deliveries, queue_items = self._delivery_rows(prepared, now)
         # A stable order keeps concurrent batches from deadlocking on each other's keys.
         emails = [{**item.email, "id": item.email_id}
@@ -211,17 +222,19 @@ class EmailStore:
             sql, {"rows": json.dumps(rows, default=_json_value, separators=(",", ":"))})
         return list(result.all()) if returning else []
 
-    def _assign_emails(self, connection: Connection,
-                       prepared: list[_Prepared]) -> dict[str, _Prepared]:
+    def _assign_emails(self, connection: Connection, prepared: list[_Prepared],
+                       parties: dict[str, tuple[str, ...]]
+                       ) -> tuple[dict[str, _Prepared], dict[str, PartyRef]]:
         """Give every item its email id: the stored email's, or a new id taken from the
         emails' sequence.  A stored email with the same Message-ID but another fingerprint is
         another message: the newcomer gets the key ``mid:<id>#fp:<fingerprint>``.  Gives the
-        first item of each email this batch creates, by key."""
-        wanted = {item.dedup_key for item in prepared}
-        wanted |= {_reused_key(item) for item in prepared if item.dedup_key.startswith("mid:")}
+        first item of each email this batch creates, by key, and the contacts and accounts
+        of the ``parties`` addresses (looked up with the emails)."""
+        keys = {item.dedup_key for item in prepared}
+        keys |= {_reused_key(item) for item in prepared if item.dedup_key.startswith("mid:")}
         # each document makes at most one new email: under its key or its reused-key
         at_most = len({(item.dedup_key, item.email["fingerprint"]) for item in prepared})
-        stored, spare_ids = self._look_up_emails(connection, sorted(wanted), at_most)
+        stored, spare_ids, refs = self._look_up(connection, sorted(keys), at_most, parties)
         first_items: dict[str, _Prepared] = {}
         for item in prepared:
             found = stored.get(item.dedup_key)
@@ -239,20 +252,38 @@ class EmailStore:
         for item in prepared:
             if item.dedup_key in ids:
                 item.email_id = ids[item.dedup_key]
-        return first_items
+        return first_items, refs
 
-    def _look_up_emails(self, connection: Connection, keys: list[str], new_ids: int
-                        ) -> tuple[dict[str, tuple[int, str]], list[int]]:
-        """The stored emails among ``keys`` (id and fingerprint by key), and ``new_ids`` ids
-        for new emails (unused ones are gaps, as a conflicting insert leaves anyway)."""
-        if connection.dialect.name == "postgresql":
-            # one round trip for both
-            rows = connection.exec_driver_sql(
+    def _look_up(self, connection: Connection, keys: list[str], new_ids: int,
+                 parties: dict[str, tuple[str, ...]]
+                 ) -> tuple[dict[str, tuple[int, str]], list[int], dict[str, PartyRef]]:
+        """The stored emails among ``keys`` (id and fingerprint by key), ``new_ids`` ids for
+        new emails (unused ones are gaps, as a conflicting insert leaves anyway), and the
+        contacts and accounts of the ``parties`` addresses."""
+        if connection.dialect.name != "postgresql":
+            stored, spare_ids = self._look_up_emails_sqlite(connection, keys, new_ids)
+            rows = connection.execute(party_statement(self._tables, "sqlite"),
+                                      party_parameters(parties)).all() if parties else []
+            return stored, spare_ids, match_parties(parties, rows)
+        if self._party_sql is None:
+            self._party_sql = str(party_statement(self._tables, "postgresql")
+                                  .compile(dialect=connection.dialect))
+        # BEGIN, the emails and the parties in one round trip: at a few hundred mails a
+        # second persist's batches are small, and each round trip waited for PostgreSQL to be
+        # scheduled on a busy machine.
+        with pipelined(connection) as raw:
+            emails = raw.execute(
                 "SELECT id, dedup_key, fingerprint FROM emails WHERE dedup_key = ANY(%(keys)s) "
                 "UNION ALL SELECT nextval(pg_get_serial_sequence('emails', 'id')), NULL, NULL "
-                "FROM generate_series(1, %(count)s)", {"keys": keys, "count": new_ids}).all()
-            return ({key: (int(i), fingerprint) for i, key, fingerprint in rows
-                     if key is not None}, [int(i) for i, key, _ in rows if key is None])
+                "FROM generate_series(1, %(count)s)", {"keys": keys, "count": new_ids})
+            found = raw.execute(self._party_sql, party_parameters(parties)) if parties else None
+        rows = emails.fetchall()
+        refs = match_parties(parties, found.fetchall()) if found is not None else {}
+        return ({key: (int(i), fingerprint) for i, key, fingerprint in rows if key is not None},
+                [int(i) for i, key, _ in rows if key is None], refs)
+
+    def _look_up_emails_sqlite(self, connection: Connection, keys: list[str], new_ids: int
+                               ) -> tuple[dict[str, tuple[int, str]], list[int]]:
         emails = self._tables.emails
         stored = {row.dedup_key: (int(row.id), row.fingerprint) for row in connection.execute(
             select(emails.c.id, emails.c.dedup_key, emails.c.fingerprint)
@@ -331,10 +362,11 @@ class EmailStore:
                            + " FROM new_deliveries")
         return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(results)
 
-    def _email_details(self, connection: Connection, new_items: list[_Prepared]
+    def _email_details(self, connection: Connection, new_items: list[_Prepared],
+                       refs: dict[str, PartyRef]
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Parties (resolved to contacts and accounts) and attachments of emails this batch
-        creates; their attachment content is stored here."""
+        """Parties (resolved to contacts and accounts: ``refs``, by strict address) and
+        attachments of emails this batch creates; their attachment content is stored here."""
         parties: list[dict[str, Any]] = []
         attachments: list[dict[str, Any]] = []
         contents: dict[str, dict[str, Any]] = {}
@@ -347,7 +379,6 @@ class EmailStore:
                           [contents[sha] for sha in sorted(contents)])
         if parties:
             strict = {a: strict_address(a) for a in {row["address"] for row in parties}}
-            refs = resolve_parties(connection, tables, {a for a in strict.values() if a})
             internal = {address: kind for item in new_items
                         for address, kind in (item.records.get("principals") or {}).items()}
             for row in parties:

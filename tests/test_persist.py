@@ -273,14 +273,34 @@ def test_a_batch_mixing_stored_and_new_emails(db_engine: Engine) -> None:
     assert new is not None and new["thread_id"] == results[1].email_id
 
 
+def test_a_connection_lost_before_the_pipelined_look_up_is_transient_then_remade(
+        database: Engine) -> None:
+    """PostgreSQL ends the kept connection between two batches: the next batch's look-up
+    (BEGIN, emails and parties in one psycopg pipeline) fails as TransientError, nothing is
+    stored, and the batch after makes a new connection and stores it all."""
+    store = EmailStore(database)
+    store.save([routed_document("<before@example.com>")])
+    with database.connect() as admin:
+        admin.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(TransientError, match="database unavailable"):
+        store.save([routed_document("<after@example.com>")])
+    assert store.count_rows()["emails"] == 1
+
+    [result] = store.save([routed_document("<after@example.com>")])
+    assert result.email_new
+    assert store.count_rows()["emails"] == 2
+
+
 def test_a_batch_that_loses_a_new_email_to_another_writer_is_redone(database: Engine) -> None:
     class Interrupted(EmailStore):
         """Another writer stores the same email between this batch's look-up and insert."""
 
         looked_up = 0
 
-        def _look_up_emails(self, *args: Any, **kwargs: Any) -> Any:
-            found = super()._look_up_emails(*args, **kwargs)
+        def _look_up(self, *args: Any, **kwargs: Any) -> Any:
+            found = super()._look_up(*args, **kwargs)
             self.looked_up += 1
             if self.looked_up == 1:
                 EmailStore(database).save([routed_document("<race@example.com>")])
