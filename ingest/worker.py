@@ -2,14 +2,13 @@
 
 Takes the :class:`~shared.settings.Settings`, a publisher (``send_outputs(outputs)``, and
 ``wait(sent)`` that returns only once the broker confirmed every output, else raises
-``TransientError``), the mailbox
-state store (cursors and poll outcomes, ``persist.mailbox_state``) and the process's
-:class:`~shared.metrics.Metrics`; gives :class:`IngestWorker`.  For each batch of new messages
-the order of effects is fixed: publish ``raw`` documents and wait for the confirms, then save
-the cursor, then apply the mailbox's after-processing action; the next batch is published
-while the broker confirms the last one.  A crash in between can only
-make a message be fetched again (persistence removes the duplicate); nothing is flagged, moved
-or deleted before it is confirmed.
+``TransientError``), the mailbox state store (cursors and poll outcomes,
+``persist.mailbox_state``) and the process's :class:`~shared.metrics.Metrics`; gives
+:class:`IngestWorker`.  For each batch of new messages the order of effects is fixed: publish
+``raw`` documents and wait for the confirms, then save the cursor, then apply the mailbox's
+after-processing action; the next batch is published while the broker confirms the last one.
+A crash in between can only make a message be fetched again (persistence removes the
+duplicate); nothing is flagged, moved or deleted before it is confirmed.
 
 Fails per mailbox: :meth:`IngestWorker.poll_once` records the failed poll and re-raises
 (``MailboxAuthError``, ``MailboxUnavailable``, ``TransientError`` ...); :meth:`run` logs it
