@@ -194,8 +194,7 @@ class ImapSource:
     def idle_wait(self, timeout: float, stopped: Callable[[], bool] = lambda: False) -> bool:
         """Wait in IDLE up to ``timeout`` s; True as soon as the server reports new mail."""
         self._ensure_selected()
-        self._settle()
-        self._prefetched = None
+        self._drop_sent_ahead()
         client = self._require_client()
         deadline = time.monotonic() + timeout
         # imaplib files untagged responses that come with a command's answer away instead of
@@ -249,8 +248,7 @@ class ImapSource:
     def new_uids(self, after_uid: int) -> list[int]:
         """UIDs above ``after_uid``, ascending (the n:* answer filtered to UIDs > n-1)."""
         self._ensure_selected()
-        self._settle()
-        self._prefetched = None
+        self._drop_sent_ahead()
         client = self._require_client()
         with self._translate("search"):
             if after_uid == 0 and self._mailbox.since:
@@ -289,6 +287,11 @@ class ImapSource:
             tag, uids = self._pending
             self._pending = None
             self._prefetched = (uids, self._read_fetch(tag, uids))
+
+    def _drop_sent_ahead(self) -> None:
+        """Read a FETCH sent ahead and forget it: what follows asks the folder afresh."""
+        self._settle()
+        self._prefetched = None
 
     def _fetched(self, uids: list[int]) -> list[FetchedMessage]:
         self._settle()

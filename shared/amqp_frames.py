@@ -24,7 +24,7 @@ wire, so the caller must treat the whole batch as unconfirmed.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from amqp.serialization import dumps
@@ -91,22 +91,22 @@ class _Framer:
             self._methods[(exchange, routing_key)] = frame
         return frame
 
-    def append(self, out: bytearray, body: bytes, exchange: str, routing_key: str,
-               headers: Mapping[str, Any]) -> Iterable[memoryview]:
-        """Append the message's method and header frames to ``out``; gives its body frames'
-        payloads, which the caller appends each with :meth:`body_frame_head`."""
-        out += self.method_frame(exchange, routing_key)
+    def frames(self, body: bytes, exchange: str, routing_key: str,
+               headers: Mapping[str, Any]) -> Iterator[bytes | memoryview]:
+        """The message's frames, in pieces: method, content header, then each body frame's
+        head, payload (a view of ``body``, not a copy) and end octet."""
+        yield self.method_frame(exchange, routing_key)
         properties = self._type_and_encoding + encode_table(headers) + self._mode_and_priority
         payload_head = _HEADER_PAYLOAD_HEAD.pack(_BASIC_CLASS, 0, len(body), _PROPERTY_FLAGS)
-        out += _FRAME_HEAD.pack(_HEADER, self._channel_id, len(payload_head) + len(properties))
-        out += payload_head
-        out += properties
-        out += FRAME_END
+        yield b"".join((_FRAME_HEAD.pack(_HEADER, self._channel_id,
+                                         len(payload_head) + len(properties)),
+                        payload_head, properties, FRAME_END))
         view = memoryview(body)
-        return (view[start:start + self._chunk] for start in range(0, len(body), self._chunk))
-
-    def body_frame_head(self, size: int) -> bytes:
-        return _FRAME_HEAD.pack(_BODY, self._channel_id, size)
+        for start in range(0, len(body), self._chunk):
+            piece = view[start:start + self._chunk]
+            yield _FRAME_HEAD.pack(_BODY, self._channel_id, len(piece))
+            yield piece
+            yield FRAME_END
 
 
 def publish_batch(channel: Any, messages: Iterable[Message], timeout: float | None,
@@ -126,10 +126,8 @@ def publish_batch(channel: Any, messages: Iterable[Message], timeout: float | No
         for body, exchange, routing_key, headers in messages:
             if isinstance(body, str):  # as py-amqp does (and hands received bodies over)
                 body = body.encode(content_encoding)
-            for piece in framer.append(out, body, exchange, routing_key, headers):
-                out += framer.body_frame_head(len(piece))
+            for piece in framer.frames(body, exchange, routing_key, headers):
                 out += piece
-                out += FRAME_END
                 if len(out) >= FLUSH_BYTES:
                     transport.write(out)
                     out.clear()
