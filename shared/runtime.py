@@ -4,11 +4,12 @@ Takes a :class:`~shared.stage.Stage`, the settings, a :class:`~shared.transport.
 process's :class:`~shared.metrics.Metrics` and a stop event; :meth:`StageRunner.run` consumes
 the stage's input queue until the event is set.  Deliveries that have already arrived form a
 batch (no timer: PERFORMANCE.md shows a timer doubles the median latency; at most half the
-prefetch, so that the broker can send the next batch meanwhile); the batch is handled in a
-helper thread while this thread keeps both connections' heartbeats alive; its outputs and
-dead letters are then published at once, and only then does this thread wait for the
-confirms of the previous batch's outputs (which came in meanwhile) and ack that batch; this
-one is acked the same way after the next.  So no input is acked before its outputs are
+prefetch, so that the broker can send the next batch meanwhile); the batch is handled on
+this thread, while a helper thread sends both connections' heartbeats should the handler
+outlast a heartbeat interval (:mod:`shared.keepalive`); its outputs and dead letters are
+then published at once, and only then does this thread wait for the confirms of the
+previous batch's outputs (which came in meanwhile) and ack that batch; this one is acked the
+same way after the next.  So no input is acked before its outputs are
 confirmed (or, for persist, committed), and a crash anywhere before the ack redelivers,
 never loses.
 
@@ -30,8 +31,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,12 +40,13 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from shared.errors import PermanentError, TransientError
+from shared.keepalive import HeartbeatsWhileBusy
 from shared.logs import one_line, traced
 from shared.metrics import Metrics
 from shared.schemas import Codec
 from shared.settings import RetrySettings, Settings
 from shared.stage import BatchStage, Output, Stage
-from shared.transport import Broker, Envelope, Publisher, Sent, discard
+from shared.transport import Broker, Envelope, Publisher, Sent, discard, send_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,6 @@ class StageRunner:
         self.codec = codec or Codec()
         self.queue_name = broker.topology.input_queue(stage.name)
         self._rng = random.random
-        self._executor = ThreadPoolExecutor(max_workers=1,
-                                            thread_name_prefix=f"{stage.name}-handler")
         self._ready_gauge = metrics.ready.labels(stage=stage.name)
         self._messages_in = metrics.messages_in.labels(stage=stage.name)
         self._messages_out = metrics.messages_out.labels(stage=stage.name)
@@ -125,23 +123,20 @@ class StageRunner:
     # -- connection loop -----------------------------------------------------------------
     def run(self) -> None:
         attempt = 0
-        try:
-            while not self.stop.is_set():
-                try:
-                    self._consume_until_stopped()
-                    attempt = 0
-                except (Stopping, KeyboardInterrupt):
-                    break
-                except Exception as exc:
-                    self._lost_at = self._lost_at or datetime.now(UTC)
-                    # A connection that worked for a while starts the backoff afresh.
-                    attempt = 1 if self._consumed_since_connect else attempt + 1
-                    delay = backoff_delay(self.settings.retry, attempt, self._rng)
-                    log.warning("%s: broker connection failed (%s); reconnecting in %.1fs",
-                                self.stage.name, exc, delay)
-                    self.stop.wait(delay)
-        finally:
-            self._executor.shutdown(wait=True)
+        while not self.stop.is_set():
+            try:
+                self._consume_until_stopped()
+                attempt = 0
+            except (Stopping, KeyboardInterrupt):
+                break
+            except Exception as exc:
+                self._lost_at = self._lost_at or datetime.now(UTC)
+                # A connection that worked for a while starts the backoff afresh.
+                attempt = 1 if self._consumed_since_connect else attempt + 1
+                delay = backoff_delay(self.settings.retry, attempt, self._rng)
+                log.warning("%s: broker connection failed (%s); reconnecting in %.1fs",
+                            self.stage.name, exc, delay)
+                self.stop.wait(delay)
 
     def _consume_until_stopped(self) -> None:
         connection = self.broker.connect()
@@ -160,22 +155,24 @@ class StageRunner:
             self._set_ready(True)
             self._consumed_since_connect = False
             log.info("%s: consuming %s", self.stage.name, self.queue_name)
-            inflight: _Published | None = None
-            while not self.stop.is_set():
-                self._take_arrived(connection, pending)
-                if pending:
-                    batch = pending[:self._batch_limit]
-                    del pending[:len(batch)]
-                    inflight = self._process(batch, connection, publisher, inflight)
-                    self._consumed_since_connect = True
-                elif inflight is not None:
+            with HeartbeatsWhileBusy(lambda: self._beat(connection, publisher),
+                                     KEEPALIVE_SECONDS, f"{self.stage.name}-keepalive") as beats:
+                inflight: _Published | None = None
+                while not self.stop.is_set():
+                    self._take_arrived(connection, pending)
+                    if pending:
+                        batch = pending[:self._batch_limit]
+                        del pending[:len(batch)]
+                        inflight = self._process(batch, beats, publisher, inflight)
+                        self._consumed_since_connect = True
+                    elif inflight is not None:
+                        self._finish(inflight, publisher)
+                        inflight = None
+                    else:
+                        self._poll(connection, 0.5)
+                        self._heartbeat(connection, publisher)
+                if inflight is not None:
                     self._finish(inflight, publisher)
-                    inflight = None
-                else:
-                    self._poll(connection, 0.5)
-                    self._heartbeat(connection, publisher)
-            if inflight is not None:
-                self._finish(inflight, publisher)
             graceful = True
         finally:
             self._set_ready(False)
@@ -224,8 +221,15 @@ class StageRunner:
             connection.heartbeat_check()
         publisher.keepalive()
 
+    def _beat(self, connection: Connection, publisher: Publisher) -> None:
+        """Heartbeats only, from the keepalive thread while a handler runs: no reads, so no
+        check for the broker's heartbeats, which the consuming thread reads afterwards."""
+        if not self.broker.is_memory:
+            send_heartbeat(connection)
+            publisher.send_heartbeat()
+
     # -- one batch -----------------------------------------------------------------------
-    def _process(self, batch: list[Message], connection: Connection, publisher: Publisher,
+    def _process(self, batch: list[Message], beats: HeartbeatsWhileBusy, publisher: Publisher,
                  inflight: _Published | None) -> _Published:
         """Handle ``batch`` and publish its outputs; then ack the previous batch, whose
         confirms came in meanwhile.  This batch's confirms are waited for by the next call.
@@ -235,8 +239,8 @@ class StageRunner:
         and this one's outputs are published again: at least once, never lost)."""
         self._messages_in.inc(len(batch))
         started = time.perf_counter()
-        future = self._executor.submit(self._handle_batch, batch)
-        results = self._wait_keeping_alive(future, connection, publisher)
+        with beats.busy():
+            results = self._handle_batch(batch)
         elapsed = time.perf_counter() - started
         for _ in batch:
             self._processing_seconds.observe(elapsed / len(batch))
@@ -287,17 +291,6 @@ class StageRunner:
         last = max(message.delivery_tag for message in batch)
         batch[0].channel.basic_ack(last, multiple=True)
 
-    def _wait_keeping_alive(self, future: Future[list[Result]], connection: Connection,
-                            publisher: Publisher) -> list[Result]:
-        """Wait for the handler thread; meanwhile read frames and send heartbeats."""
-        while True:
-            try:
-                return future.result(timeout=KEEPALIVE_SECONDS)
-            except FutureTimeout:
-                if not self.broker.is_memory:
-                    self._poll(connection, 0)
-                self._heartbeat(connection, publisher)
-
     def _dead_letter(self, message: Message, dead: Dead) -> Envelope:
         stage = self.stage.name
         headers = dict(message.headers or {})
@@ -312,7 +305,7 @@ class StageRunner:
         return Envelope(body, self.broker.topology.exchange_name,
                         self.broker.topology.dead_queue(stage), headers)
 
-    # -- handler thread ------------------------------------------------------------------
+    # -- handling (no connection is used here) -------------------------------------------
     def _handle_batch(self, batch: list[Message]) -> list[Result]:
         results: list[Result | None] = [None] * len(batch)
         documents: list[tuple[int, dict[str, Any]]] = []

@@ -64,6 +64,21 @@ def discard(connection: Connection, graceful: bool) -> None:
         log.debug("error while closing a broker connection", exc_info=True)
 
 
+def send_heartbeat(connection: Connection | None) -> None:
+    """Send a heartbeat frame if ``connection`` is an open AMQP connection with heartbeats on.
+
+    For a thread other than the connection's user, while that one is not using it
+    (:mod:`shared.keepalive`); a broken connection is left for its user to find."""
+    try:
+        if connection is None or not connection.connected:
+            return
+        client = connection.connection  # py-amqp's; the memory transport has no heartbeats
+        if getattr(client, "heartbeat", 0):
+            client.send_heartbeat()
+    except Exception:  # the socket is broken: its own user's next read or write says so
+        log.debug("heartbeat not sent", exc_info=True)
+
+
 @dataclass
 class Envelope:
     """A message ready to publish: body bytes, where to, and headers."""
@@ -161,6 +176,10 @@ class Publisher:
             log.info("publisher connection lost while idle (%s); reconnecting when needed",
                      exc)
             self.close(graceful=False)
+
+    def send_heartbeat(self) -> None:
+        """A heartbeat frame on the connection, if there is one (:func:`send_heartbeat`)."""
+        send_heartbeat(self._connection)
 
     # -- confirm bookkeeping ---------------------------------------------------------------
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
