@@ -308,11 +308,15 @@ def test_the_next_batch_is_handled_while_the_last_batchs_confirms_come_in(
         stop.set()
         thread.join(timeout=30)
     sends = [n for kind, n in events if kind == "send"]
-    acks = [n for kind, n in events if kind == "ack"]
-    assert sum(acks) == 40 and sends == acks and max(acks) <= 10
-    for index, (kind, n) in enumerate(events):  # each ack right after its batch's confirms
-        if kind == "ack":
-            assert events[index - 1] == ("confirmed", n), events
+    assert sum(sends) == 40 and max(sends) <= 10
+    confirmed = acked = 0
+    for kind, n in events:  # nothing is acked before its outputs are confirmed
+        if kind == "confirmed":
+            confirmed += n
+        elif kind == "ack":
+            acked += n
+            assert acked <= confirmed, events
+    assert acked == 40
     if broker.is_memory:  # all 40 are queued before the first read: batches overlap
         assert events.index(("handle", 1), events.index(("send", 10))) < events.index(
             ("ack", 10)), events
