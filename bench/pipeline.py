@@ -461,8 +461,10 @@ class PipelineBench:
                 done: Callable[[], int], finish_times: Callable[[str], dict[str, float]],
                 check: Callable[[], None],
                 histogram: Callable[[], dict[float, float]] | None = None,
-                hop_times: Callable[[str], dict[str, dict[str, float]]] | None = None) -> None:
-        """A warm-up second, then ``duration`` seconds at each rate, one after the other."""
+                hop_times: Callable[[str], dict[str, dict[str, float]]] | None = None,
+                cpu_groups: dict[str, list[int] | str] | None = None) -> None:
+        """A warm-up second, then ``duration`` seconds at each rate, one after the other;
+        with ``cpu_groups``, the CPU each group used per message at each rate."""
         publisher = self.publisher(vhost)
         try:
             rates = self.settings.rates
@@ -477,8 +479,11 @@ class PipelineBench:
                 counted = since(done)
                 buckets = histogram() if histogram else {}
                 progress(f"{label} at {rate} msg/s for {self.settings.duration:g}s")
+                meter = CpuMeter(cpu_groups or {})
+                meter.start()
                 sent = publish_paced(publisher, documents, rate, f"{label} at {rate}/s")
                 wait_until(counted, len(documents), f"{label} at {rate}/s", check)
+                cpu = meter.stop()
                 finished = finish_times(tag)
                 missing = [t for t in sent if t not in finished]
                 if missing:
@@ -493,6 +498,9 @@ class PipelineBench:
                         for le, count in after.items() if le <= 0.1}
                 if hop_times:
                     stats["hops_ms"] = hop_stats(hop_times(tag), finished, sent)
+                if cpu:
+                    stats["cpu_ms_per_message"] = {
+                        name: seconds * 1000 / len(documents) for name, seconds in cpu.items()}
                 results[rate] = stats
                 progress(f"{label} at {rate} msg/s: p50 {stats['p50_ms']:.1f} ms, "
                          f"p99 {stats['p99_ms']:.1f} ms (offered "
@@ -500,6 +508,9 @@ class PipelineBench:
                 for hop, hop_stat in stats.get("hops_ms", {}).items():
                     progress(f"  {hop:8s} p50 {hop_stat['p50']:6.1f}  p90 {hop_stat['p90']:6.1f}  "
                              f"p99 {hop_stat['p99']:6.1f} ms")
+                if cpu:
+                    progress("  CPU ms per message: " + ", ".join(
+                        f"{name} {ms:.2f}" for name, ms in stats["cpu_ms_per_message"].items()))
         finally:
             publisher.close()
 
@@ -511,7 +522,9 @@ class PipelineBench:
                          lambda: len(chain.reader.read()),
                          lambda tag: {t: at for t, at in chain.reader.read().items()
                                       if t.startswith(tag + "-")},
-                         chain.hops.check_alive)
+                         chain.hops.check_alive,
+                         cpu_groups={**chain.pids(), "rabbitmq": "beam.smp",
+                                     "postgres": "postgres"})
 
     def pipeline_offered(self, vhost: Vhost, config: Path, work: Path, engine: Any) -> None:
         began = datetime.now(UTC)
@@ -523,7 +536,9 @@ class PipelineBench:
                          lambda tag: rows_finished(engine, tag),
                          workers.check_alive,
                          lambda: latency_buckets(workers),
-                         lambda tag: journal_times(vhost, began, tag))
+                         lambda tag: journal_times(vhost, began, tag),
+                         {**{s: [workers.pid(s)] for s in STAGES},
+                          "rabbitmq": "beam.smp", "postgres": "postgres"})
             codes = workers.stop_all()
         if any(codes.values()):
             raise BenchError(f"workers exited with {codes}")
