@@ -3,12 +3,14 @@
 Run as ``python -m bench.chain --url AMQP_URL --input QUEUE [--output QUEUE]``.  Takes the
 deliveries that have already arrived on ``--input`` (up to ``--prefetch``), publishes their
 bytes and headers unchanged to ``--output`` on a second connection with pipelined confirms
-(one wait for the whole batch), then acks the batch with one ``multiple`` ack -- the same
-contract as ``shared.runtime`` (ack only after the output is confirmed), with nothing in
-between.  The last hop (no ``--output``) may store one row per message with plain
-SQLAlchemy (``--sql DATABASE_URL``: the message's trace id and bytes, one transaction per
-batch, committed before the ack) and appends ``<trace id> <unix time>`` per message to
-``--record`` after the ack, so the benchmark can tell when each message left the chain.
+(one wait for the whole batch), then owes the batch's ack, paid with one ``multiple`` ack
+as ``shared.runtime`` pays it (``OwedAcks``: a full batch's worth, or 50 ms after the first)
+-- the same contract (ack only after the output is confirmed), with nothing in between.
+The last hop (no ``--output``) may store one row per message with plain SQLAlchemy
+(``--sql DATABASE_URL``: the message's trace id and bytes, one transaction per batch,
+committed before the ack) and appends ``<trace id> <unix time>`` per message to
+``--record`` once the batch is stored, so the benchmark can tell when each message left the
+chain.
 Prints ``ready`` on stdout once consuming.  SIGTERM or SIGINT finish the batch and exit 0;
 a nack, a returned message or a confirm timeout exits 1.
 """
@@ -26,6 +28,7 @@ import amqp
 from kombu import Connection
 
 from shared.amqp_frames import publish_batch
+from shared.runtime import OwedAcks
 from shared.settings import BrokerSettings
 from shared.transport import corked
 
@@ -135,10 +138,13 @@ def run_hop(args: argparse.Namespace, stop: threading.Event) -> None:
         channel.basic_qos(0, args.prefetch, False)
         channel.basic_consume(queue=args.input, callback=pending.append, no_ack=False)
         print("ready", flush=True)
+        owed = OwedAcks(lambda done: channel.basic_ack(done[-1].delivery_tag, multiple=True),
+                        max(1, args.prefetch // 2))
         while not stop.is_set():
+            owed.pay_if_due()
             if not pending:
                 try:
-                    consumer.drain_events(timeout=0.2)
+                    consumer.drain_events(timeout=owed.seconds_left(0.2))
                 except TimeoutError:
                     continue
             while len(pending) < args.prefetch:
@@ -155,11 +161,12 @@ def run_hop(args: argparse.Namespace, stop: threading.Event) -> None:
                 publisher.publish_all(batch, args.output)
             if sink is not None:
                 sink.store(batch)
-            channel.basic_ack(batch[-1].delivery_tag, multiple=True)
             if record is not None:
                 now = f"{time.time():.6f}"
                 record.write("".join(f"{_trace(m)} {now}\n" for m in batch))
                 record.flush()
+            owed.owe(batch)
+        owed.pay()
     finally:
         if record is not None:
             record.close()

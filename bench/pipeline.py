@@ -50,6 +50,7 @@ from bench.common import (
     private_database,
     private_vhost,
     progress,
+    wal_number,
 )
 from bench.mail import RECIPIENT, plain_mail
 from bench.processes import ChainHops, StageWorkers
@@ -481,15 +482,20 @@ class PipelineBench:
                 progress(f"{label} at {rate} msg/s for {self.settings.duration:g}s")
                 meter = CpuMeter(cpu_groups or {})
                 meter.start()
+                wal_before = wal_number()
                 sent = publish_paced(publisher, documents, rate, f"{label} at {rate}/s")
                 wait_until(counted, len(documents), f"{label} at {rate}/s", check)
                 cpu = meter.stop()
+                wal_after = wal_number()
                 finished = finish_times(tag)
                 missing = [t for t in sent if t not in finished]
                 if missing:
                     raise BenchError(f"{label} at {rate}/s: {len(missing)} messages without "
                                      f"a finish time, e.g. {missing[0]}")
                 stats = latency_stats([finished[t] - at for t, at in sent.items()], sent)
+                stats["rabbitmq_wal_rollovers"] = (
+                    wal_after - wal_before
+                    if wal_before is not None and wal_after is not None else None)
                 if histogram:
                     after = histogram()
                     total = after.get(float("inf"), 0) - buckets.get(float("inf"), 0)
@@ -502,9 +508,11 @@ class PipelineBench:
                     stats["cpu_ms_per_message"] = {
                         name: seconds * 1000 / len(documents) for name, seconds in cpu.items()}
                 results[rate] = stats
+                rollovers = stats["rabbitmq_wal_rollovers"]
                 progress(f"{label} at {rate} msg/s: p50 {stats['p50_ms']:.1f} ms, "
                          f"p99 {stats['p99_ms']:.1f} ms (offered "
-                         f"{stats['achieved_rate']:.0f} msg/s)")
+                         f"{stats['achieved_rate']:.0f} msg/s; RabbitMQ WAL roll-overs in "
+                         f"the phase: {'unknown' if rollovers is None else rollovers})")
                 for hop, hop_stat in stats.get("hops_ms", {}).items():
                     progress(f"  {hop:8s} p50 {hop_stat['p50']:6.1f}  p90 {hop_stat['p90']:6.1f}  "
                              f"p99 {hop_stat['p99']:6.1f} ms")

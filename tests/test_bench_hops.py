@@ -1,10 +1,15 @@
 """bench.pipeline.hop_stats: each stage's share of a message's latency, from the journal's
-publish times (a pure function; the benchmark itself is never run by the test suite)."""
+publish times (a pure function; the benchmark itself is never run by the test suite); and
+bench.common.wal_number, which tells whether a latency phase contained a RabbitMQ WAL
+roll-over."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from bench.common import wal_number
 from bench.pipeline import hop_stats
 
 
@@ -29,3 +34,13 @@ def test_messages_missing_a_hop_are_left_out_and_ms_rounding_never_goes_negative
     assert hops["parse"] == {"p50": 0.0, "p90": 0.0, "p99": 0.0}
     assert hops["persist"]["p50"] == pytest.approx(1.0)
     assert hop_stats({}, {}, sent) == {}
+
+
+def test_wal_number_is_the_newest_wal_files_number_or_none(tmp_path: Path) -> None:
+    node = tmp_path / "mnesia" / "rabbit@host" / "quorum" / "rabbit@host"
+    pattern = str(tmp_path / "mnesia" / "*" / "quorum" / "*" / "*.wal")
+    assert wal_number(pattern) is None  # no broker here: unknown, not zero
+    node.mkdir(parents=True)
+    for name in ("00000009.wal", "00000010.wal", "meta.dets", "names.wal"):
+        (node / name).touch()
+    assert wal_number(pattern) == 10
