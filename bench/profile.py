@@ -71,15 +71,15 @@ class PySpy:
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("codec decode (marshmallow load + json)", ("Codec.decode ",)),
     ("codec encode (marshmallow dump + validate + json)", ("Codec.encode ",)),
-    ("stage work", ("ParseStage.handle ", "RouteStage.handle ", "PersistStage.handle_batch ")),
+    ("stage work", ("ParseStage.handle ", "RouteStage.handle ", "RouteStage.handle_batch ",
+                    "PersistStage.handle_batch ")),
     ("publish + wait for confirms", ("Publisher.publish_envelopes ", "Publisher.send ",
                                      "Publisher.wait ")),
-    ("ack, one per message (kombu)", ("Message.ack ",)),
+    ("acks (kombu, OwedAcks)", ("Message.ack ", "OwedAcks.pay ", "StageRunner._ack ")),
     ("metrics", ("prometheus_client", "MetricsServer", "_SocketWriter")),
     ("receive deliveries (kombu drain_events)", ("drain_events ", "StageRunner._poll ",
                                                  "StageRunner._take_arrived ")),
-    ("handler-thread hand-off and waits", ("ThreadPoolExecutor.submit ", "Future.result ",
-                                           "_worker ", "Condition.wait ", "Condition.notify ")),
+    ("keepalive thread (heartbeats while a handler runs)", ("HeartbeatsWhileBusy.",)),
 )
 
 

@@ -277,12 +277,13 @@ class StageRunner:
     # -- one batch -----------------------------------------------------------------------
     def _process(self, batch: list[Message], beats: HeartbeatsWhileBusy, publisher: Publisher,
                  inflight: _Published | None, owed: OwedAcks) -> _Published:
-        """Handle ``batch`` and publish its outputs; then ack the previous batch, whose
-        confirms came in meanwhile.  This batch's confirms are waited for by the next call.
-        Publishing before waiting for the previous confirms keeps a slow confirm from holding
-        this batch's mail back from the next stage; the previous batch is still acked only
-        after its own outputs are confirmed (if they never are, both batches are redelivered,
-        and this one's outputs are published again: at least once, never lost)."""
+        """Handle ``batch`` and publish its outputs; then finish the previous batch (its
+        confirms came in meanwhile) and owe its ack.  This batch's confirms are waited for
+        by the next call.  Publishing before waiting for the previous confirms keeps a slow
+        confirm from holding this batch's mail back from the next stage; the previous batch
+        is still acked only after its own outputs are confirmed (if they never are, both
+        batches are redelivered, and this one's outputs are published again: at least once,
+        never lost)."""
         self._messages_in.inc(len(batch))
         started = time.perf_counter()
         with beats.busy():
