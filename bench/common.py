@@ -229,8 +229,8 @@ RABBITMQ_WAL_GLOB = os.environ.get("MAILROUTE_BENCH_RABBITMQ_WAL_GLOB",
 def wal_number(pattern: str = RABBITMQ_WAL_GLOB) -> int | None:
     """The number of the local RabbitMQ's newest quorum-queue WAL file, or None where it
     cannot be read.  It grows by one at each WAL roll-over, when the broker writes what the
-    last WAL holds into each queue's segment files: about a second of extra CPU on this
-    machine, which a latency phase that contains it shows in its p99 (bench/README.md)."""
+    last WAL holds into each queue's segment files: a burst of broker CPU and disk writes,
+    which a latency phase that contains it shows in its p99 (bench/README.md)."""
     numbers = [int(path.stem) for path in Path("/").glob(pattern.lstrip("/"))
                if path.stem.isdigit()]
     return max(numbers) if numbers else None
