@@ -1,15 +1,18 @@
 """HeartbeatsWhileBusy beats while, and only while, the consuming thread is in a handler.
 
-The broker side (a handler that outlasts three heartbeat intervals keeps its connection) is
-tested against RabbitMQ in test_runtime.py and tests/faults/.
+send_heartbeat is tested on real RabbitMQ connections; the broker side of a handler that
+outlasts three heartbeat intervals is tested in test_runtime.py and tests/faults/.
 """
 
 from __future__ import annotations
 
 import threading
 
+from kombu import Connection
+
 from shared.keepalive import HeartbeatsWhileBusy
 from shared.transport import send_heartbeat
+from tests.broker_fixtures import Vhost
 
 
 class Beats:
@@ -73,9 +76,25 @@ def test_closing_stops_the_helper_thread() -> None:
     assert not keepalive._thread.is_alive()
 
 
-def test_send_heartbeat_skips_what_has_no_open_amqp_connection() -> None:
-    class Closed:
-        connected = False
+def test_send_heartbeat_writes_a_frame_when_heartbeats_are_on(rabbit_vhost: Vhost) -> None:
+    with Connection(rabbit_vhost.url, heartbeat=10) as connection:
+        connection.connect()
+        before = connection.connection.bytes_sent
+        send_heartbeat(connection)
+        assert connection.connection.bytes_sent > before
+        connection.channel()  # the broker took the frame: the connection still works
 
+
+def test_send_heartbeat_sends_nothing_without_heartbeats_and_never_reconnects(
+        rabbit_vhost: Vhost) -> None:
+    with Connection(rabbit_vhost.url, heartbeat=0) as connection:
+        connection.connect()
+        before = connection.connection.bytes_sent
+        send_heartbeat(connection)
+        assert connection.connection.bytes_sent == before
+    connection = Connection(rabbit_vhost.url, heartbeat=10)
+    connection.connect()
+    connection.release()
+    send_heartbeat(connection)  # closed: left for its user to find, not reopened here
+    assert not connection.connected
     send_heartbeat(None)
-    send_heartbeat(Closed())  # type: ignore[arg-type]
