@@ -77,7 +77,8 @@ def run_pipeline(options: argparse.Namespace) -> None:
         repeat=options.repeat or (1 if quick else 3),
         sink=options.sink,
         profile_dir=REPORT_DIR / "profile" if options.profile else None)
-    if not settings.rates or settings.messages < 10 or settings.duration <= 0:
+    if (not settings.rates or min(settings.rates) <= 0 or settings.messages < 10
+            or settings.duration <= 0):
         raise SystemExit("bench: --rates, --messages (>= 10) and --duration must be positive")
     figures = pipeline_bench.run(settings)
     path = write_report("pipeline", figures, {

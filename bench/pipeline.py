@@ -52,6 +52,7 @@ from bench.common import (
     progress,
     wal_number,
 )
+from bench.idle import idle_gap_figure
 from bench.mail import RECIPIENT, plain_mail
 from bench.processes import ChainHops, StageWorkers
 from bench.profile import PySpy
@@ -324,6 +325,7 @@ class PipelineBench:
         self.pipeline = Measurements()
         self.chain = Measurements()
         self.profiled: dict[str, Any] | None = None
+        self.idle_gap: Figure | None = None
         self._tags = 0
 
     def tag(self, kind: str) -> str:
@@ -336,6 +338,8 @@ class PipelineBench:
 
     def run(self) -> list[Figure]:
         settings = self.settings
+        # before the workers start, so that nothing else runs on the machine meanwhile
+        self.idle_gap = idle_gap_figure(max(settings.rates))
         with tempfile.TemporaryDirectory(prefix="mailroute-bench-") as folder, \
                 private_vhost("chain") as chain_vhost, \
                 private_vhost("pipeline") as pipeline_vhost, \
@@ -584,6 +588,8 @@ class PipelineBench:
                     target=f"< {limit:g} ms" if limit else "",
                     meets_target=value < limit if limit else None,
                     detail={"pipeline": pipe.offered[rate], "ceiling": chain.offered[rate]}))
+        if self.idle_gap is not None:
+            figures.append(self.idle_gap)
         return figures
 
 
