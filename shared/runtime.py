@@ -48,7 +48,15 @@ from shared.metrics import Metrics
 from shared.schemas import Codec
 from shared.settings import RetrySettings, Settings
 from shared.stage import BatchStage, Output, Stage
-from shared.transport import Broker, Envelope, Publisher, Sent, discard, send_heartbeat
+from shared.transport import (
+    Broker,
+    Envelope,
+    Publisher,
+    Sent,
+    discard,
+    nothing_to_read,
+    send_heartbeat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +265,8 @@ class StageRunner:
     def _take_arrived(self, connection: Connection, pending: list[Message]) -> None:
         """Read deliveries that are already here, up to the prefetch, without waiting."""
         while len(pending) < self.settings.broker.prefetch:
+            if nothing_to_read(connection):
+                return
             before = len(pending)
             self._poll(connection, 0)
             if len(pending) == before:

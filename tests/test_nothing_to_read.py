@@ -1,0 +1,58 @@
+"""``nothing_to_read``: the cheap check a worker makes before draining a connection without
+waiting, on real RabbitMQ connections."""
+
+from __future__ import annotations
+
+import select
+import socket
+
+from kombu import Connection, Consumer, Producer, Queue
+from kombu.message import Message
+
+from shared.transport import nothing_to_read
+from tests.broker_fixtures import Vhost
+
+
+def _socket(connection: Connection) -> socket.socket:
+    sock: socket.socket = connection.connection.transport.sock
+    return sock
+
+
+def test_true_only_while_no_frame_is_waiting(rabbit_vhost: Vhost) -> None:
+    with Connection(rabbit_vhost.url, heartbeat=0) as connection:
+        connection.connect()
+        channel = connection.channel()
+        channel.queue_declare("reads", auto_delete=True)
+        received: list[Message] = []
+        Consumer(connection.channel(), queues=[Queue("reads", no_declare=True)],
+                 on_message=received.append, no_ack=True).consume()
+        assert nothing_to_read(connection)
+
+        Producer(channel).publish(b"hello", routing_key="reads")
+        assert select.select([_socket(connection)], [], [], 10)[0], "no delivery came"
+        assert not nothing_to_read(connection)
+
+        connection.drain_events(timeout=10)
+        assert [m.body for m in received] == [b"hello"]
+        assert nothing_to_read(connection)
+
+
+def test_a_closed_socket_counts_as_something_to_read(rabbit_vhost: Vhost) -> None:
+    with Connection(rabbit_vhost.url, heartbeat=0) as connection:
+        connection.connect()
+        _socket(connection).shutdown(socket.SHUT_RD)
+        assert not nothing_to_read(connection)  # so its reader meets the end of the stream
+
+
+def test_false_where_it_cannot_tell(rabbit_vhost: Vhost) -> None:
+    assert not nothing_to_read(None)
+    memory = Connection("memory://")
+    memory.connect()
+    assert not nothing_to_read(memory)
+    never_opened = Connection(rabbit_vhost.url)
+    assert not nothing_to_read(never_opened)
+    assert not never_opened.connected  # asking did not open it
+    released = Connection(rabbit_vhost.url)
+    released.connect()
+    released.release()
+    assert not nothing_to_read(released)
