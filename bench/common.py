@@ -259,6 +259,29 @@ def pids_named(command: str) -> list[int]:
     return found
 
 
+def machine_cpu_times(stat: str | None = None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs so far, from ``/proc/stat``'s ``cpu`` line:
+    busy is user, nice, system, irq and softirq; total adds idle, iowait and steal.  None
+    where it cannot be read."""
+    try:
+        text = stat if stat is not None else Path("/proc/stat").read_text()
+        fields = [int(value) for value in text.splitlines()[0].split()[1:9]]
+    except (OSError, IndexError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time that was busy between two readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 class CpuMeter:
     """CPU seconds used by named groups of processes between :meth:`start` and :meth:`stop`.
 

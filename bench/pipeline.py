@@ -45,6 +45,8 @@ from bench.common import (
     CpuMeter,
     Figure,
     Vhost,
+    busy_share,
+    machine_cpu_times,
     median,
     percentile,
     private_database,
@@ -486,10 +488,12 @@ class PipelineBench:
                 progress(f"{label} at {rate} msg/s for {self.settings.duration:g}s")
                 meter = CpuMeter(cpu_groups or {})
                 meter.start()
+                machine_before = machine_cpu_times()
                 wal_before = wal_number()
                 sent = publish_paced(publisher, documents, rate, f"{label} at {rate}/s")
                 wait_until(counted, len(documents), f"{label} at {rate}/s", check)
                 cpu = meter.stop()
+                busy = busy_share(machine_before, machine_cpu_times())
                 wal_after = wal_number()
                 finished = finish_times(tag)
                 missing = [t for t in sent if t not in finished]
@@ -497,6 +501,7 @@ class PipelineBench:
                     raise BenchError(f"{label} at {rate}/s: {len(missing)} messages without "
                                      f"a finish time, e.g. {missing[0]}")
                 stats = latency_stats([finished[t] - at for t, at in sent.items()], sent)
+                stats["machine_busy_share"] = busy
                 stats["rabbitmq_wal_rollovers"] = (
                     wal_after - wal_before
                     if wal_before is not None and wal_after is not None else None)
@@ -522,7 +527,8 @@ class PipelineBench:
                              f"p99 {hop_stat['p99']:6.1f} ms")
                 if cpu:
                     progress("  CPU ms per message: " + ", ".join(
-                        f"{name} {ms:.2f}" for name, ms in stats["cpu_ms_per_message"].items()))
+                        f"{name} {ms:.2f}" for name, ms in stats["cpu_ms_per_message"].items())
+                        + ("" if busy is None else f"; machine busy {busy:.0%}"))
         finally:
             publisher.close()
 

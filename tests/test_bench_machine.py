@@ -1,9 +1,13 @@
-"""The idle-gap probe of the pipeline benchmark, on fake clocks (no timing is asserted)."""
+"""What the pipeline benchmark says about the machine: the idle-gap probe, on fake clocks (no
+timing is asserted), and how busy the machine was in a phase, from /proc/stat readings."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
+
+from bench.common import busy_share, machine_cpu_times
 from bench.idle import Clocks, cpu_per_unit, idle_gap_figure
 
 
@@ -64,3 +68,28 @@ def test_the_figure_compares_the_gapped_parse_with_back_to_back() -> None:
     assert figure.ratio is not None and figure.ratio < 0.5
     assert len(figure.detail["after_gap_us"]) == len(figure.detail["back_to_back_us"]) == 3
 
+
+
+STAT = """cpu  {user} 10 {system} {idle} 5 3 {softirq} {steal} 0 0
+cpu0 1 2 3 4 5 6 7 8 0 0
+intr 123
+"""
+
+
+def test_machine_busy_share_counts_work_against_all_time_including_steal() -> None:
+    before = machine_cpu_times(STAT.format(user=1000, system=500, idle=8000, softirq=20,
+                                           steal=0))
+    after = machine_cpu_times(STAT.format(user=1700, system=800, idle=8100, softirq=40,
+                                          steal=100))
+    assert before == (1000 + 10 + 500 + 3 + 20, 1533 + 8000 + 5 + 0)
+    # 1,020 busy ticks of 1,220: 100 idle, 100 stolen by the hypervisor
+    assert busy_share(before, after) == pytest.approx(1020 / 1220)
+
+
+def test_machine_busy_share_is_none_when_it_cannot_be_read() -> None:
+    assert machine_cpu_times("") is None
+    assert machine_cpu_times("cpu 1 2 3\n") is None
+    assert machine_cpu_times("cpu a b c d e f g h\n") is None
+    assert busy_share(None, (1, 2)) is None
+    assert busy_share((5, 10), (5, 10)) is None  # no time passed
+    assert machine_cpu_times() is not None  # this machine's /proc/stat
