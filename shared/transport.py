@@ -84,15 +84,18 @@ def send_heartbeat(connection: Connection | None) -> None:
 def nothing_to_read(connection: Connection | None) -> bool:
     """True when a plain-TCP AMQP connection has no frame waiting: py-amqp holds no bytes of
     one and the socket is not readable (a closed socket is: its reader finds out).  Asking
-    costs one select(2); a drain that finds nothing raises a timeout through py-amqp and
-    kombu, about 10 us of CPU, several times per batch at low rates.  False (so: go and read)
-    wherever that cannot be told: TLS, whose library may hold decrypted bytes, the memory
-    transport, or no connection made yet (kombu's ``connection`` attribute would make one)."""
+    costs one poll(2) (not select(2), which refuses descriptors above 1023); a drain that
+    finds nothing raises a timeout through py-amqp and kombu, about 10 us of CPU, several
+    times per batch at low rates.  False (so: go and read) wherever that cannot be told:
+    TLS, whose library may hold decrypted bytes, the memory transport, or no connection
+    made yet (kombu's ``connection`` attribute would make one)."""
     transport: Any = getattr(getattr(connection, "_connection", None), "transport", None)
     if type(transport) is not TCPTransport or transport._read_buffer or transport.sock is None:
         return False
     try:
-        return not select.select((transport.sock,), (), (), 0)[0]
+        poller = select.poll()
+        poller.register(transport.sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):  # closed or broken: let the read say so
         return False
 

@@ -3,9 +3,12 @@ waiting, on real RabbitMQ connections."""
 
 from __future__ import annotations
 
+import os
+import resource
 import select
 import socket
 
+import pytest
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.message import Message
 
@@ -35,6 +38,25 @@ def test_true_only_while_no_frame_is_waiting(rabbit_vhost: Vhost) -> None:
         connection.drain_events(timeout=10)
         assert [m.body for m in received] == [b"hello"]
         assert nothing_to_read(connection)
+
+
+def test_sockets_beyond_select_s_limit_are_asked_too(rabbit_vhost: Vhost) -> None:
+    """A worker with many files open (ingest with a fleet of IMAP connections) gets socket
+    descriptors above 1023, which select(2) refuses."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"the open-files limit ({soft}) is too low to reach descriptor 1024")
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1024:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with Connection(rabbit_vhost.url, heartbeat=0) as connection:
+            connection.connect()
+            assert _socket(connection).fileno() > 1023
+            assert nothing_to_read(connection)
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
 
 
 def test_a_closed_socket_counts_as_something_to_read(rabbit_vhost: Vhost) -> None:
