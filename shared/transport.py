@@ -90,11 +90,16 @@ def nothing_to_read(connection: Connection | None) -> bool:
     TLS, whose library may hold decrypted bytes, the memory transport, or no connection
     made yet (kombu's ``connection`` attribute would make one)."""
     transport: Any = getattr(getattr(connection, "_connection", None), "transport", None)
-    if type(transport) is not TCPTransport or transport._read_buffer or transport.sock is None:
+    if type(transport) is not TCPTransport:
+        return False
+    # py-amqp internals, read defensively: without them, drain as before
+    buffered: bytes = getattr(transport, "_read_buffer", b"?")
+    sock = getattr(transport, "sock", None)
+    if buffered or sock is None:
         return False
     try:
         poller = select.poll()
-        poller.register(transport.sock, select.POLLIN)
+        poller.register(sock, select.POLLIN)
         return not poller.poll(0)
     except (OSError, ValueError):  # closed or broken: let the read say so
         return False

@@ -66,6 +66,17 @@ def test_a_closed_socket_counts_as_something_to_read(rabbit_vhost: Vhost) -> Non
         assert not nothing_to_read(connection)  # so its reader meets the end of the stream
 
 
+def test_false_if_py_amqp_no_longer_keeps_its_read_buffer_where_it_did(
+        rabbit_vhost: Vhost) -> None:
+    with Connection(rabbit_vhost.url, heartbeat=0) as connection:
+        connection.connect()
+        transport = connection.connection.transport
+        assert nothing_to_read(connection)
+        del transport._read_buffer  # as a py-amqp that renamed it would look
+        assert not nothing_to_read(connection)
+        transport._read_buffer = b""
+
+
 def test_false_where_it_cannot_tell(rabbit_vhost: Vhost) -> None:
     assert not nothing_to_read(None)
     memory = Connection("memory://")
