@@ -406,12 +406,17 @@ class PipelineBench:
             opened = chain.start(STAGES[0])
             meter = CpuMeter({**chain.pids(), "rabbitmq": "beam.smp", "postgres": "postgres"})
             meter.start()
+            machine_before = machine_cpu_times()
             wait_until(lambda: chain.reader.count(tag + "-"), len(documents),
                        "ceiling saturated", chain.hops.check_alive)
             cpu = meter.stop()
+            busy = busy_share(machine_before, machine_cpu_times())
         finished = [t for trace, t in chain.reader.read().items() if trace.startswith(tag)]
-        self.chain.saturated.append(self.saturated_result(opened, finished, cpu))
-        progress(f"ceiling saturated: {self.chain.saturated[-1]['throughput']:.0f} msg/s")
+        result = self.saturated_result(opened, finished, cpu)
+        result["machine_busy_share"] = busy
+        self.chain.saturated.append(result)
+        progress(f"ceiling saturated: {result['throughput']:.0f} msg/s")
+        progress(cpu_summary(result["cpu_ms_per_message"], busy))
 
     def pipeline_saturated(self, vhost: Vhost, config: Path, work: Path, engine: Any,
                            profile: Path | None = None) -> None:
@@ -424,6 +429,7 @@ class PipelineBench:
             meter = CpuMeter({**{s: [workers.pid(s)] for s in STAGES},
                               "rabbitmq": "beam.smp", "postgres": "postgres"})
             meter.start()
+            machine_before = machine_cpu_times()
             spy = PySpy(profile, {s: workers.pid(s) for s in STAGES}) if profile else None
             if spy:
                 spy.start()
@@ -434,6 +440,7 @@ class PipelineBench:
                 if spy:
                     spy.stop()
             cpu = meter.stop()
+            busy = busy_share(machine_before, machine_cpu_times())
             handler = handler_seconds(workers)
             codes = workers.stop_all()
         if any(codes.values()):
@@ -444,12 +451,14 @@ class PipelineBench:
                              f"{len(documents)} messages")
         result = self.saturated_result(opened, list(finished.values()), cpu)
         result["handler_ms_per_message"] = handler
+        result["machine_busy_share"] = busy
         if profile:
             self.profiled = result
         else:
             self.pipeline.saturated.append(result)
         progress(f"pipeline saturated: {result['throughput']:.0f} msg/s"
                  f"{' (under py-spy)' if profile else ''}")
+        progress(cpu_summary(result["cpu_ms_per_message"], busy))
 
     def saturated_result(self, opened: float, finished: list[float],
                          cpu: dict[str, float]) -> dict[str, Any]:
@@ -526,9 +535,7 @@ class PipelineBench:
                     progress(f"  {hop:8s} p50 {hop_stat['p50']:6.1f}  p90 {hop_stat['p90']:6.1f}  "
                              f"p99 {hop_stat['p99']:6.1f} ms")
                 if cpu:
-                    progress("  CPU ms per message: " + ", ".join(
-                        f"{name} {ms:.2f}" for name, ms in stats["cpu_ms_per_message"].items())
-                        + ("" if busy is None else f"; machine busy {busy:.0%}"))
+                    progress(cpu_summary(stats["cpu_ms_per_message"], busy))
         finally:
             publisher.close()
 
@@ -597,6 +604,13 @@ class PipelineBench:
         if self.idle_gap is not None:
             figures.append(self.idle_gap)
         return figures
+
+
+def cpu_summary(cpu_ms_per_message: dict[str, float], busy: float | None) -> str:
+    """The progress line of a run's CPU: per message for each process, and the machine."""
+    return ("  CPU ms per message: " + ", ".join(
+        f"{name} {ms:.2f}" for name, ms in cpu_ms_per_message.items())
+        + ("" if busy is None else f"; machine busy {busy:.0%}"))
 
 
 def committed(workers: StageWorkers) -> float:

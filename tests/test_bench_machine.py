@@ -9,6 +9,7 @@ import pytest
 
 from bench.common import busy_share, machine_cpu_times
 from bench.idle import Clocks, cpu_per_unit, idle_gap_figure
+from bench.pipeline import cpu_summary
 
 
 class FakeMachine:
@@ -93,3 +94,10 @@ def test_machine_busy_share_is_none_when_it_cannot_be_read() -> None:
     assert busy_share(None, (1, 2)) is None
     assert busy_share((5, 10), (5, 10)) is None  # no time passed
     assert machine_cpu_times() is not None  # this machine's /proc/stat
+
+
+def test_the_cpu_line_names_each_process_and_the_machine_when_known() -> None:
+    per_message = {"parse": 0.956, "rabbitmq": 2.4}
+    assert cpu_summary(per_message, 0.953) == (
+        "  CPU ms per message: parse 0.96, rabbitmq 2.40; machine busy 95%")
+    assert cpu_summary(per_message, None) == "  CPU ms per message: parse 0.96, rabbitmq 2.40"
