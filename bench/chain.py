@@ -138,8 +138,9 @@ def run_hop(args: argparse.Namespace, stop: threading.Event) -> None:
         channel.basic_qos(0, args.prefetch, False)
         channel.basic_consume(queue=args.input, callback=pending.append, no_ack=False)
         print("ready", flush=True)
-        owed = OwedAcks(lambda done: channel.basic_ack(done[-1].delivery_tag, multiple=True),
-                        max(1, args.prefetch // 2))
+        owed: OwedAcks[amqp.Message] = OwedAcks(
+            lambda done: channel.basic_ack(done[-1].delivery_tag, multiple=True),
+            max(1, args.prefetch // 2))
         while not stop.is_set():
             owed.pay_if_due()
             if not pending:

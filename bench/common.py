@@ -287,12 +287,15 @@ class CpuMeter:
 
     Groups are given as pids, or as command names looked up at each reading (PostgreSQL
     starts a process per connection).  A process that exits in between is not counted.
+    :attr:`machine_busy` is the whole machine's :func:`busy_share` over the same span.
     """
 
     def __init__(self, groups: dict[str, list[int] | str]) -> None:
         self.groups = groups
         self._before: dict[str, dict[int, float]] = {}
+        self._machine_before: tuple[int, int] | None = None
         self.used: dict[str, float] = {}
+        self.machine_busy: float | None = None
 
     def _read(self) -> dict[str, dict[int, float]]:
         readings = {}
@@ -303,9 +306,11 @@ class CpuMeter:
 
     def start(self) -> None:
         self._before = self._read()
+        self._machine_before = machine_cpu_times()
 
     def stop(self) -> dict[str, float]:
         after = self._read()
+        self.machine_busy = busy_share(self._machine_before, machine_cpu_times())
         self.used = {
             name: sum(value - self._before.get(name, {}).get(pid, 0.0)
                       for pid, value in readings.items())

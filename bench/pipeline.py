@@ -45,8 +45,6 @@ from bench.common import (
     CpuMeter,
     Figure,
     Vhost,
-    busy_share,
-    machine_cpu_times,
     median,
     percentile,
     private_database,
@@ -406,11 +404,10 @@ class PipelineBench:
             opened = chain.start(STAGES[0])
             meter = CpuMeter({**chain.pids(), "rabbitmq": "beam.smp", "postgres": "postgres"})
             meter.start()
-            machine_before = machine_cpu_times()
             wait_until(lambda: chain.reader.count(tag + "-"), len(documents),
                        "ceiling saturated", chain.hops.check_alive)
             cpu = meter.stop()
-            busy = busy_share(machine_before, machine_cpu_times())
+            busy = meter.machine_busy
         finished = [t for trace, t in chain.reader.read().items() if trace.startswith(tag)]
         result = self.saturated_result(opened, finished, cpu)
         result["machine_busy_share"] = busy
@@ -429,7 +426,6 @@ class PipelineBench:
             meter = CpuMeter({**{s: [workers.pid(s)] for s in STAGES},
                               "rabbitmq": "beam.smp", "postgres": "postgres"})
             meter.start()
-            machine_before = machine_cpu_times()
             spy = PySpy(profile, {s: workers.pid(s) for s in STAGES}) if profile else None
             if spy:
                 spy.start()
@@ -440,7 +436,7 @@ class PipelineBench:
                 if spy:
                     spy.stop()
             cpu = meter.stop()
-            busy = busy_share(machine_before, machine_cpu_times())
+            busy = meter.machine_busy
             handler = handler_seconds(workers)
             codes = workers.stop_all()
         if any(codes.values()):
@@ -497,12 +493,11 @@ class PipelineBench:
                 progress(f"{label} at {rate} msg/s for {self.settings.duration:g}s")
                 meter = CpuMeter(cpu_groups or {})
                 meter.start()
-                machine_before = machine_cpu_times()
                 wal_before = wal_number()
                 sent = publish_paced(publisher, documents, rate, f"{label} at {rate}/s")
                 wait_until(counted, len(documents), f"{label} at {rate}/s", check)
                 cpu = meter.stop()
-                busy = busy_share(machine_before, machine_cpu_times())
+                busy = meter.machine_busy
                 wal_after = wal_number()
                 finished = finish_times(tag)
                 missing = [t for t in sent if t not in finished]

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from amqp.exceptions import NotFound
 from kombu import Connection, Consumer, Queue
@@ -64,6 +64,7 @@ KEEPALIVE_SECONDS = 0.5
 # A finished batch's ack waits up to this long for later batches to share its frame (fewer
 # settle commands in each quorum queue's log); a full batch's worth is acked at once.
 ACK_DELAY_SECONDS = 0.05
+Delivery = TypeVar("Delivery")  # kombu's Message in the runtime; py-amqp's in bench/chain.py
 
 
 class Stopping(Exception):
@@ -84,22 +85,22 @@ class Dead:
 Result = Handled | Dead
 
 
-class OwedAcks:
+class OwedAcks(Generic[Delivery]):
     """Deliveries whose outputs are confirmed, acked together: once a full batch's worth is
     owed, or ``ACK_DELAY_SECONDS`` after the first; on AMQP in one frame (``multiple``: every
     earlier delivery is finished too, since batches finish in order).  An ack that waits
     delays no mail, only the broker's bookkeeping; a crash before it redelivers, as it would
     before any ack."""
 
-    def __init__(self, ack: Callable[[list[Message]], None], every: int,
+    def __init__(self, ack: Callable[[list[Delivery]], None], every: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._ack = ack
         self._every = every
         self._clock = clock
-        self._owed: list[Message] = []
+        self._owed: list[Delivery] = []
         self._due = 0.0
 
-    def owe(self, batch: list[Message]) -> None:
+    def owe(self, batch: list[Delivery]) -> None:
         if not self._owed:
             self._due = self._clock() + ACK_DELAY_SECONDS
         self._owed.extend(batch)
@@ -286,7 +287,7 @@ class StageRunner:
 
     # -- one batch -----------------------------------------------------------------------
     def _process(self, batch: list[Message], beats: HeartbeatsWhileBusy, publisher: Publisher,
-                 inflight: _Published | None, owed: OwedAcks) -> _Published:
+                 inflight: _Published | None, owed: OwedAcks[Message]) -> _Published:
         """Handle ``batch`` and publish its outputs; then finish the previous batch (its
         confirms came in meanwhile) and owe its ack.  This batch's confirms are waited for
         by the next call.  Publishing before waiting for the previous confirms keeps a slow
@@ -317,7 +318,8 @@ class StageRunner:
             self._finish(inflight, publisher, owed)
         return _Published(batch, results, sent)
 
-    def _finish(self, published: _Published, publisher: Publisher, owed: OwedAcks) -> None:
+    def _finish(self, published: _Published, publisher: Publisher,
+                owed: OwedAcks[Message]) -> None:
         """Wait for a batch's confirms, then owe its ack and count what became of it."""
         publisher.wait(published.sent)
         batch, results = published.batch, published.results

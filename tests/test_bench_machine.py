@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bench.common import busy_share, machine_cpu_times
+from bench.common import CpuMeter, busy_share, machine_cpu_times
 from bench.idle import Clocks, cpu_per_unit, idle_gap_figure
 from bench.pipeline import cpu_summary
 
@@ -101,3 +101,14 @@ def test_the_cpu_line_names_each_process_and_the_machine_when_known() -> None:
     assert cpu_summary(per_message, 0.953) == (
         "  CPU ms per message: parse 0.96, rabbitmq 2.40; machine busy 95%")
     assert cpu_summary(per_message, None) == "  CPU ms per message: parse 0.96, rabbitmq 2.40"
+
+
+def test_a_cpu_meter_gives_the_machines_busy_share_over_its_span() -> None:
+    meter = CpuMeter({})
+    meter.start()
+    first = machine_cpu_times()
+    assert first is not None
+    while (now := machine_cpu_times()) is not None and now[0] == first[0]:
+        pass  # busy until the kernel counts a busy tick: a span with CPU time in it
+    assert meter.stop() == {}
+    assert meter.machine_busy is not None and 0 < meter.machine_busy <= 1
