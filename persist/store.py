@@ -25,7 +25,6 @@ can retry the documents one by one) and ``TransientError`` when the database is 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from persist.tables import CORRELATION_METHODS, Tables, build_tables
 from route.directory import address_keys, strict_address
 from route.history import KnownEmail
 from route.tracking import NOT_A_REPLY
+from shared import fastjson
 from shared.errors import PermanentError, TransientError
 
 PARTY_FIELDS = (("from", "from_"), ("to", "to"), ("cc", "cc"), ("reply_to", "reply_to"))
@@ -219,7 +219,7 @@ class EmailStore:
                 sql += " RETURNING " + ", ".join(quote(name) for name in returning)
             self._json_inserts[(table.name, tuple(rows[0]), returning)] = sql
         result = connection.exec_driver_sql(
-            sql, {"rows": json.dumps(rows, default=_json_value, separators=(",", ":"))})
+            sql, {"rows": fastjson.dumps(rows, default=_json_value).decode()})
         return list(result.all()) if returning else []
 
     def _assign_emails(self, connection: Connection, prepared: list[_Prepared],
@@ -330,7 +330,7 @@ class EmailStore:
             sql = self._statement_for(connection, present)
             self._json_inserts[present] = sql
         parameters: dict[str, Any] = {
-            name: json.dumps(rows[name], default=_json_value, separators=(",", ":"))
+            name: fastjson.dumps(rows[name], default=_json_value).decode()
             for name, _ in present}
         parameters["new_ids"] = sorted(new_ids)
         return list(connection.exec_driver_sql(sql, parameters).all())
@@ -741,7 +741,7 @@ def _rows_for(document: dict[str, Any], now: datetime) -> _Prepared:
     senders = _addresses(email, "from_")
     correlation = dict(document.get("correlation") or {})
     records = dict(document.get("records") or {})
-    json.dumps([correlation, records])  # refuse what the JSON columns could not store
+    fastjson.dumps([correlation, records])  # refuse what the JSON columns could not store
     deliveries = [_delivery_row(d, source, trace_id, now) for d in document["deliveries"]]
     email_row = {
         "dedup_key": dedup_key,
@@ -816,7 +816,7 @@ def _delivery_row(
     delivery: dict[str, Any], source: dict[str, Any], trace_id: str, now: datetime
 ) -> dict[str, Any]:
     evidence = dict(delivery.get("evidence") or {})
-    json.dumps(evidence)  # refuse what the JSON column could not store (TypeError)
+    fastjson.dumps(evidence)  # refuse what the JSON column could not store (TypeError)
     uidvalidity = source.get("uidvalidity")
     return {
         "principal_kind": _text(delivery["principal_kind"]),

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shared import fastjson
 from shared.errors import PermanentError
 from shared.metrics import Metrics, MetricsServer
 from shared.schemas import Codec
@@ -101,7 +102,7 @@ def _attachment(content: bytes, name: str = "a.bin") -> dict[str, object]:
 def _plain_encode(codec: Codec, edge: str, document: dict[str, object]) -> bytes:
     """What Codec.encode gave before big byte strings were spliced in."""
     dumped = codec._schemas[edge].dump({"schema_version": 1, **document})
-    return json.dumps(dumped, separators=(",", ":")).encode("utf-8")
+    return fastjson.dumps(dumped)
 
 
 @pytest.mark.parametrize("size", [0, 10, 1023, 1024, 20_000, BIG - 1, BIG, 3 * 256 * 1024 + 1,

@@ -1,0 +1,134 @@
+"""shared.fastjson writes what the standard library's json writes: JSON that reads back to the
+same values, and the same exceptions; on corpus documents, on what orjson refuses or would
+write otherwise, and on random values."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parse.worker import ParseStage
+from shared import fastjson
+from shared.schemas import Codec
+from shared.settings import LimitSettings
+from tests import documents
+from tests.corpus import corpus_folder
+
+
+def _stdlib(value: Any, default: Any = None) -> bytes:
+    return json.dumps(value, default=default, separators=(",", ":")).encode("utf-8")
+
+
+def _corpus_json() -> list[bytes]:
+    """The JSON of raw and parsed documents made from up to 60 corpus messages."""
+    folder = corpus_folder()
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file()
+             and p.suffix.lower() in ("", ".eml", ".txt")][:60] if folder.is_dir() else []
+    codec, parse = Codec(), ParseStage(LimitSettings())
+    found = []
+    for number, path in enumerate(paths):
+        raw = codec.encode("raw", {**documents.raw(path.read_bytes()), "trace_id": f"t{number}"})
+        found.append(raw)
+        try:
+            outputs = parse.handle(codec.decode("raw", raw))
+        except Exception:  # unparseable corpus messages are parse's tests' business
+            continue
+        found += [codec.encode(out.edge, out.document) for out in outputs]
+    return found
+
+
+def test_corpus_documents_are_written_as_the_standard_library_writes_them() -> None:
+    texts = _corpus_json()
+    assert len(texts) > 40
+    non_ascii = 0
+    for text in texts:
+        value = json.loads(text)
+        written = fastjson.dumps(value)
+        assert json.loads(written) == value
+        if written != _stdlib(value):
+            assert not written.isascii()  # the one difference: UTF-8 instead of \u escapes
+            non_ascii += 1
+    assert non_ascii, "the corpus should hold text outside ASCII"
+
+
+@dataclass
+class _Point:
+    x: int
+    y: int
+
+
+def _aware_only(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}")
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+@pytest.mark.parametrize("value", [
+    "lone \udcff surrogate", {"k": ["\ud800"]}, 2**70, -(2**64), {1: "a", 2: None},
+    [datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)],
+], ids=["surrogate", "surrogate-in-list", "big-int", "big-negative", "int-keys",
+        "aware-datetime"])
+def test_what_orjson_refuses_or_would_write_otherwise_is_written_as_json_writes_it(
+        value: Any) -> None:
+    assert fastjson.dumps(value, default=_aware_only) == _stdlib(value, default=_aware_only)
+
+
+def test_nesting_past_orjsons_limit_is_written_as_json_writes_it() -> None:
+    value: Any = "leaf"
+    for _ in range(400):
+        value = [value]
+    assert fastjson.dumps(value) == _stdlib(value)
+
+
+@pytest.mark.parametrize("value, error", [
+    ([datetime(2026, 1, 2)], ValueError),  # naive: refused by the default
+    ({"x": object()}, TypeError),
+    ([_Point(1, 2)], TypeError),  # orjson would write a dataclass; json refuses it
+], ids=["naive-datetime", "object", "dataclass"])
+def test_refusals_raise_the_standard_librarys_exception(value: Any,
+                                                        error: type[Exception]) -> None:
+    with pytest.raises(error) as ours:
+        fastjson.dumps(value, default=_aware_only)
+    with pytest.raises(error) as theirs:
+        _stdlib(value, default=_aware_only)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_a_circular_value_raises_as_json_does() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        fastjson.dumps(loop)
+
+
+def test_without_a_default_a_timestamp_is_refused_as_json_refuses_it() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        fastjson.dumps({"at": datetime(2026, 1, 2, tzinfo=UTC)})
+
+
+def test_text_outside_ascii_is_written_as_utf8_and_nan_as_null() -> None:
+    assert fastjson.dumps({"s": "é \u2028 ✓"}) == '{"s":"é \u2028 ✓"}'.encode()
+    assert fastjson.dumps([math.nan, math.inf]) == b"[null,null]"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=5) | st.integers(), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_any_value_reads_back_as_what_json_writes_for_it(value: Any) -> None:
+    assert json.loads(fastjson.dumps(value)) == json.loads(_stdlib(value))
