@@ -610,14 +610,15 @@ def cpu_summary(cpu_ms_per_message: dict[str, float], busy: float | None) -> str
 
 def committed(workers: StageWorkers) -> float:
     """Documents the persist worker has committed (its end-to-end histogram's count)."""
-    return workers.samples("persist").get(("mailroute_end_to_end_latency_seconds_count", ()),
-                                          0.0)
+    count = "mailroute_end_to_end_latency_seconds_count"
+    return workers.samples("persist", [count]).get((count, ()), 0.0)
 
 
 def latency_buckets(workers: StageWorkers) -> dict[float, float]:
     found = {}
-    for (name, labels), value in workers.samples("persist").items():
-        if name == "mailroute_end_to_end_latency_seconds_bucket":
+    bucket = "mailroute_end_to_end_latency_seconds_bucket"
+    for (name, labels), value in workers.samples("persist", [bucket]).items():
+        if name == bucket:
             found[float(dict(labels)["le"])] = value
     return found
 

@@ -19,9 +19,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlencode
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -148,9 +150,12 @@ class StageWorkers(_Processes):
     def _ready(self, stage: str) -> bool:
         return self._get(stage, "/readyz")[0] == 200
 
-    def samples(self, stage: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of ``stage``'s /metrics: (name, sorted labels) -> value."""
-        status, text = self._get(stage, "/metrics")
+    def samples(self, stage: str, names: Sequence[str] = ()
+                ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """``stage``'s /metrics samples, all or those ``names``: (name, sorted labels) ->
+        value.  Asking for names keeps a frequent poll from costing the worker much."""
+        query = "?" + urlencode([("name[]", name) for name in names]) if names else ""
+        status, text = self._get(stage, "/metrics" + query)
         if status != 200:
             return {}
         found = {}

@@ -2,8 +2,9 @@
 
 Takes nothing global: :class:`Metrics` owns its own ``CollectorRegistry``, so several stages
 (``mailroute run``) or several tests can live in one process.  :class:`MetricsServer` serves
-``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (every stage in it is
-connected and consuming) on one port.  Fails only at start, if the port cannot be bound.
+``/metrics`` (``?name[]=<sample name>`` for only those samples), ``/healthz`` (the process
+is alive) and ``/readyz`` (every stage in it is connected and consuming) on one port.
+Fails only at start, if the port cannot be bound.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -144,7 +146,13 @@ class MetricsServer:
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            body = generate_latest(self._metrics.registry)
+            # ?name[]=<sample name> (repeatable) serves only those samples, as client_python's
+            # own handler does: a poller that wants one figure does not make the worker render
+            # and send every series.
+            names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+            registry: Any = (self._metrics.registry.restricted_registry(names) if names
+                             else self._metrics.registry)
+            body = generate_latest(registry)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [body]
         if path == "/healthz":

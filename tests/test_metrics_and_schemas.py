@@ -47,6 +47,23 @@ def test_metrics_endpoint_serves_the_stage_counters(
     assert 'mailroute_stage_processing_seconds_count{stage="parse"} 1.0' in body
 
 
+def test_metrics_endpoint_serves_only_the_samples_named(
+        served: tuple[Metrics, MetricsServer, list[bool]]) -> None:
+    metrics, server, _ = served
+    metrics.messages_in.labels(stage="parse").inc(3)
+    metrics.end_to_end_seconds.observe(0.02)
+    status, body = get(server, "/metrics?name[]=mailroute_end_to_end_latency_seconds_count"
+                               "&name%5B%5D=mailroute_stage_messages_in_total")
+    assert status == 200
+    samples = [line for line in body.splitlines() if line and not line.startswith("#")]
+    assert sorted(samples) == ["mailroute_end_to_end_latency_seconds_count 1.0",
+                               'mailroute_stage_messages_in_total{stage="parse"} 3.0']
+    whole = get(server, "/metrics")[1]
+    assert "mailroute_end_to_end_latency_seconds_bucket" in whole
+    assert len(whole) > 10 * len(body)
+    assert get(server, "/metrics?name[]=no_such_metric") == (200, "")
+
+
 def test_health_is_liveness_and_readiness_follows_the_stages(
         served: tuple[Metrics, MetricsServer, list[bool]]) -> None:
     _, server, readiness = served
