@@ -14,42 +14,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parse.worker import ParseStage
+from persist.store import _json_value
 from shared import fastjson
-from shared.schemas import Codec
-from shared.settings import LimitSettings
-from tests import documents
-from tests.corpus import corpus_folder
+from tests.corpus import corpus_documents
 
 
 def _stdlib(value: Any, default: Any = None) -> bytes:
     return json.dumps(value, default=default, separators=(",", ":")).encode("utf-8")
 
 
-def _corpus_json() -> list[bytes]:
-    """The JSON of raw and parsed documents made from up to 60 corpus messages."""
-    folder = corpus_folder()
-    paths = [p for p in sorted(folder.rglob("*")) if p.is_file()
-             and p.suffix.lower() in ("", ".eml", ".txt")][:60] if folder.is_dir() else []
-    codec, parse = Codec(), ParseStage(LimitSettings())
-    found = []
-    for number, path in enumerate(paths):
-        raw = codec.encode("raw", {**documents.raw(path.read_bytes()), "trace_id": f"t{number}"})
-        found.append(raw)
-        try:
-            outputs = parse.handle(codec.decode("raw", raw))
-        except Exception:  # unparseable corpus messages are parse's tests' business
-            continue
-        found += [codec.encode(out.edge, out.document) for out in outputs]
-    return found
-
-
 def test_corpus_documents_are_written_as_the_standard_library_writes_them() -> None:
-    texts = _corpus_json()
-    assert len(texts) > 40
+    values = [value for found in corpus_documents().values() for value in found]
+    assert len(values) > 40
     non_ascii = 0
-    for text in texts:
-        value = json.loads(text)
+    for value in values:
         written = fastjson.dumps(value)
         assert json.loads(written) == value
         if written != _stdlib(value):
@@ -64,14 +42,6 @@ class _Point:
     y: int
 
 
-def _aware_only(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}")
-        return value.isoformat()
-    raise TypeError(f"cannot store {type(value).__name__} as JSON")
-
-
 @pytest.mark.parametrize("value", [
     "lone \udcff surrogate", {"k": ["\ud800"]}, 2**70, -(2**64), {1: "a", 2: None},
     [datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)],
@@ -79,7 +49,7 @@ def _aware_only(value: Any) -> Any:
         "aware-datetime"])
 def test_what_orjson_refuses_or_would_write_otherwise_is_written_as_json_writes_it(
         value: Any) -> None:
-    assert fastjson.dumps(value, default=_aware_only) == _stdlib(value, default=_aware_only)
+    assert fastjson.dumps(value, default=_json_value) == _stdlib(value, default=_json_value)
 
 
 def test_nesting_past_orjsons_limit_is_written_as_json_writes_it() -> None:
@@ -90,16 +60,16 @@ def test_nesting_past_orjsons_limit_is_written_as_json_writes_it() -> None:
 
 
 @pytest.mark.parametrize("value, error", [
-    ([datetime(2026, 1, 2)], ValueError),  # naive: refused by the default
+    ([datetime(2026, 1, 2)], ValueError),  # naive: refused by persist's default
     ({"x": object()}, TypeError),
     ([_Point(1, 2)], TypeError),  # orjson would write a dataclass; json refuses it
 ], ids=["naive-datetime", "object", "dataclass"])
 def test_refusals_raise_the_standard_librarys_exception(value: Any,
                                                         error: type[Exception]) -> None:
     with pytest.raises(error) as ours:
-        fastjson.dumps(value, default=_aware_only)
+        fastjson.dumps(value, default=_json_value)
     with pytest.raises(error) as theirs:
-        _stdlib(value, default=_aware_only)
+        _stdlib(value, default=_json_value)
     assert str(ours.value) == str(theirs.value)
 
 

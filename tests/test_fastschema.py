@@ -17,46 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError, fields
 
-from parse.worker import ParseStage
 from shared.fastschema import Uncertain, compile_dumper, compile_loader
 from shared.schemas import Codec, Edge, ParsedSchema, RawSchema, RoutedSchema
-from shared.settings import LimitSettings
 from tests import documents
-from tests.corpus import corpus_folder
+from tests.corpus import corpus_documents
 
 SCHEMAS = {"raw": RawSchema(), "parsed": ParsedSchema(), "routed": RoutedSchema()}
 
 
-def _corpus_documents() -> dict[str, list[dict[str, Any]]]:
-    """JSON data of raw, parsed and routed documents made from up to 80 corpus messages."""
-    folder = corpus_folder()
-    paths = [p for p in sorted(folder.rglob("*")) if p.is_file()
-             and p.suffix.lower() in ("", ".eml", ".txt", ".msg")][:80] if folder.is_dir() else []
-    parse = ParseStage(LimitSettings())
-    codec = Codec()
-    found: dict[str, list[dict[str, Any]]] = {"raw": [], "parsed": [], "routed": []}
-    for number, path in enumerate(paths):
-        raw = {**documents.raw(path.read_bytes()), "trace_id": f"t{number}"}
-        found["raw"].append(json.loads(codec.encode("raw", raw)))
-        try:
-            outputs = parse.handle(codec.decode("raw", codec.encode("raw", raw)))
-        except Exception:  # unparseable corpus messages are parse's tests' business
-            continue
-        for out in outputs:
-            found["parsed"].append(json.loads(codec.encode("parsed", out.document)))
-            routed = {**out.document, "deliveries": [{
-                "principal_kind": "user", "principal": "alice", "address": "a@example.com",
-                "mailbox": "alice", "method": "direct", "evidence": {"decided_by": "x"},
-                "tracked": True, "untracked_reason": None, "rule": None}],
-                "correlation": {"method": "none", "candidates": []},
-                "records": {"case": None, "notes": ["n"], "principals": {}}}
-            found["routed"].append(json.loads(codec.encode("routed", routed)))
-    return found
-
-
 @pytest.fixture(scope="module")
 def corpus() -> dict[str, list[dict[str, Any]]]:
-    found = _corpus_documents()
+    found = corpus_documents()
     found["raw"].append(json.loads(Codec().encode("raw", documents.raw())))
     found["parsed"].append(json.loads(Codec().encode("parsed", documents.parsed())))
     return found
