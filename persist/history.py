@@ -7,8 +7,8 @@ Sees only committed rows (see ``route.history`` for what that means for replies 
 their parent).  Contact and account lookups are cached for ``party_cache_seconds`` (a
 contact added from the CLI counts as known to route at most that much later; persist
 resolves parties afresh at save time).  :meth:`SqlHistory.prefetched` asks the threading
-lookups of a whole batch at once, one query per kind.  Fails with ``TransientError`` when
-the database is unreachable.
+lookups of a whole batch at once, one query per kind, all of them in one round trip on
+PostgreSQL.  Fails with ``TransientError`` when the database is unreachable.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from psycopg.rows import namedtuple_row
+from sqlalchemy import any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.engine import Connection, Engine
 
-from persist.database import KeptConnection, translate_errors
+from persist.database import KeptConnection, pipelined, translate_errors
 from persist.directory_store import resolve_parties
 from persist.tables import Tables, build_tables
 from route.directory import PartyMatch
@@ -104,14 +105,21 @@ class SqlHistory:
         self._by_subject = self._newest((emails.c.subject_key == bindparam("subject_key"))
                                         & (emails.c.first_seen_at >= bindparam("since"))
                                         & shares.exists())
-        # The same two lookups for a whole batch (PostgreSQL): the newest email per root,
-        # and per (subject key, since, participants) the newest as _by_subject finds it.
-        self._newest_by_roots = known_email_query(self._tables).add_columns(
-            emails.c.thread_index_root).where(
-            emails.c.thread_index_root.in_(bindparam("roots", expanding=True))).order_by(
-            emails.c.thread_index_root, emails.c.id.desc()).ext(
-            distinct_on(emails.c.thread_index_root))
-        self._newest_by_subjects = text(NEWEST_BY_SUBJECTS)
+        # A whole batch's lookups, one statement per kind (PostgreSQL): the emails by id and
+        # by Message-ID, the newest email per root, and per (subject key, since,
+        # participants) the newest as _by_subject finds it.
+        known = known_email_query(self._tables)
+        self._batch_statements = {
+            "ids": known.where(emails.c.id == any_(bindparam("ids"))),
+            "message_ids": known.where(emails.c.message_id == any_(bindparam("message_ids")))
+            .order_by(emails.c.id),
+            "roots": known.add_columns(emails.c.thread_index_root).where(
+                emails.c.thread_index_root == any_(bindparam("roots"))).order_by(
+                emails.c.thread_index_root, emails.c.id.desc()).ext(
+                distinct_on(emails.c.thread_index_root)),
+            "subjects": text(NEWEST_BY_SUBJECTS),
+        }
+        self._batch_sql: dict[str, str] = {}
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
@@ -155,11 +163,10 @@ class SqlHistory:
 
     def _newest_by_subject(self, queries: Collection[SubjectQuery]
                            ) -> dict[SubjectQuery, KnownEmail]:
-        ordered = sorted(queries, key=lambda q: (q[0], sorted(q[1]), q[2]))
+        ordered = _subject_order(queries)
         with self._reading() as connection:
-            rows = connection.execute(self._newest_by_subjects, {
-                "keys": [q[0] for q in ordered], "sinces": [q[2] for q in ordered],
-                "participants": ["\n".join(sorted(q[1])) for q in ordered]}).all()
+            rows = connection.execute(self._batch_statements["subjects"],
+                                      _subject_parameters(ordered)).all()
         return {ordered[row.n - 1]: to_known(row) for row in rows}
 
     def prefetched(self, lookups: Lookups) -> History:
@@ -177,25 +184,42 @@ class SqlHistory:
             answers.newest_by_subject = {q: k for q in lookups.subjects
                                          if (k := self.by_subject(*q)) is not None}
             return answers
-        emails = self._tables.emails
-        with self._reading() as connection:
-            if lookups.email_ids:
-                answers.emails_by_id = {
-                    int(row.id): to_known(row) for row in connection.execute(
-                        known_email_query(self._tables).where(
-                            emails.c.id.in_(sorted(lookups.email_ids))))}
-            if lookups.message_ids:
-                answers.emails_by_message_id = {
-                    k.message_id: k for k in known_by_message_ids(
-                        connection, self._tables, sorted(lookups.message_ids))
-                    if k.message_id is not None}
-            if lookups.thread_index_roots:
-                answers.newest_by_root = {
-                    row.thread_index_root: to_known(row) for row in connection.execute(
-                        self._newest_by_roots, {"roots": sorted(lookups.thread_index_roots)})}
-        if lookups.subjects:
-            answers.newest_by_subject = self._newest_by_subject(lookups.subjects)
+        asked: dict[str, dict[str, Any]] = {}
+        if lookups.email_ids:
+            asked["ids"] = {"ids": sorted(lookups.email_ids)}
+        if lookups.message_ids:
+            asked["message_ids"] = {"message_ids": sorted(lookups.message_ids)}
+        if lookups.thread_index_roots:
+            asked["roots"] = {"roots": sorted(lookups.thread_index_roots)}
+        ordered = _subject_order(lookups.subjects)
+        if ordered:
+            asked["subjects"] = _subject_parameters(ordered)
+        rows = self._ask_together(asked)
+        answers.emails_by_id = {int(row.id): to_known(row) for row in rows.get("ids", [])}
+        for row in rows.get("message_ids", []):  # ordered by id: the oldest wins
+            answers.emails_by_message_id.setdefault(row.message_id, to_known(row))
+        answers.newest_by_root = {row.thread_index_root: to_known(row)
+                                  for row in rows.get("roots", [])}
+        answers.newest_by_subject = {ordered[row.n - 1]: to_known(row)
+                                     for row in rows.get("subjects", [])}
         return answers
+
+    def _ask_together(self, asked: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+        """The rows of each batch statement asked (by name, with its parameters), all sent
+        in one round trip (psycopg pipeline mode) instead of one round trip each: at a few
+        hundred mails a second route's batches hold one or two mails, so a batch's lookups
+        cost what its round trips cost, the network's latency on each with a remote
+        database."""
+        if not asked:
+            return {}
+        with self._reading() as connection:
+            if not self._batch_sql:
+                self._batch_sql = {name: str(statement.compile(dialect=connection.dialect))
+                                   for name, statement in self._batch_statements.items()}
+            with pipelined(connection) as raw:
+                cursors = {name: raw.cursor(row_factory=namedtuple_row).execute(
+                    self._batch_sql[name], parameters) for name, parameters in asked.items()}
+            return {name: cursor.fetchall() for name, cursor in cursors.items()}
 
     def party(self, address: str) -> PartyMatch | None:
         now = self._clock()
@@ -210,3 +234,12 @@ class SqlHistory:
             self._parties.clear()
         self._parties[address] = (now + self._party_ttl, match)
         return match
+
+
+def _subject_order(queries: Collection[SubjectQuery]) -> list[SubjectQuery]:
+    return sorted(queries, key=lambda q: (q[0], sorted(q[1]), q[2]))
+
+
+def _subject_parameters(ordered: Sequence[SubjectQuery]) -> dict[str, list[Any]]:
+    return {"keys": [q[0] for q in ordered], "sinces": [q[2] for q in ordered],
+            "participants": ["\n".join(sorted(q[1])) for q in ordered]}
