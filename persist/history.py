@@ -14,7 +14,7 @@ PostgreSQL.  Fails with ``TransientError`` when the database is unreachable.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -53,10 +53,16 @@ def known_by_message_ids(connection: Connection, tables: Tables,
         return []
     rows = connection.execute(known_email_query(tables).where(
         tables.emails.c.message_id.in_(list(message_ids))).order_by(tables.emails.c.id)).all()
+    found = oldest_by_message_id(rows)
+    return [found[m] for m in message_ids if m in found]
+
+
+def oldest_by_message_id(rows: Iterable[Any]) -> dict[str, KnownEmail]:
+    """The first of ``rows`` (ordered by id: the oldest) for each Message-ID."""
     found: dict[str, KnownEmail] = {}
     for row in rows:
         found.setdefault(row.message_id, to_known(row))
-    return [found[m] for m in message_ids if m in found]
+    return found
 
 
 PARTY_CACHE_ENTRIES = 10_000
@@ -196,8 +202,7 @@ class SqlHistory:
             asked["subjects"] = _subject_parameters(ordered)
         rows = self._ask_together(asked)
         answers.emails_by_id = {int(row.id): to_known(row) for row in rows.get("ids", [])}
-        for row in rows.get("message_ids", []):  # ordered by id: the oldest wins
-            answers.emails_by_message_id.setdefault(row.message_id, to_known(row))
+        answers.emails_by_message_id = oldest_by_message_id(rows.get("message_ids", []))
         answers.newest_by_root = {row.thread_index_root: to_known(row)
                                   for row in rows.get("roots", [])}
         answers.newest_by_subject = {ordered[row.n - 1]: to_known(row)

@@ -1,6 +1,6 @@
 """Routing a batch with its threading lookups asked at once gives what routing each email
-alone gives, in fewer queries (SQLite and PostgreSQL); on PostgreSQL the batch's lookups
-travel in one round trip, counted in libpq's own protocol trace."""
+alone gives (SQLite and PostgreSQL); on PostgreSQL the batch's lookups travel in one round
+trip instead of one or more per email, counted in libpq's own protocol trace."""
 
 from __future__ import annotations
 
