@@ -45,12 +45,15 @@ from bench.common import (
     CpuMeter,
     Figure,
     Vhost,
+    kernel_writeback,
     median,
     percentile,
     private_database,
     private_vhost,
     progress,
+    rabbitmq_wal_max_bytes,
     wal_number,
+    writeback_is_bursty,
 )
 from bench.idle import idle_gap_figure
 from bench.mail import RECIPIENT, plain_mail
@@ -326,6 +329,8 @@ class PipelineBench:
         self.chain = Measurements()
         self.profiled: dict[str, Any] | None = None
         self.idle_gap: Figure | None = None
+        self.writeback = kernel_writeback()
+        self.wal_max_bytes = rabbitmq_wal_max_bytes()
         self._tags = 0
 
     def tag(self, kind: str) -> str:
@@ -338,6 +343,15 @@ class PipelineBench:
 
     def run(self) -> list[Figure]:
         settings = self.settings
+        progress("kernel writeback: " + ", ".join(f"{k} {v}" for k, v in self.writeback.items()))
+        if writeback_is_bursty(self.writeback):
+            progress("kernel writeback is the default (a burst every 30 s that the broker's "
+                     "fsyncs wait behind): expect p99 outliers; `make services` sets "
+                     "deploy/sysctl/60-mailroute-writeback.conf")
+        progress(f"RabbitMQ quorum-queue WAL: {self.wal_max_bytes} bytes")
+        if self.wal_max_bytes is not None and self.wal_max_bytes > 64 * 1024**2:
+            progress("a large WAL stalls the broker at each roll-over: expect p99 outliers; "
+                     "`make services` sets deploy/rabbitmq/60-mailroute.conf (16 MB)")
         # before the workers start, so that nothing else runs on the machine meanwhile
         self.idle_gap = idle_gap_figure(max(settings.rates))
         with tempfile.TemporaryDirectory(prefix="mailroute-bench-") as folder, \
@@ -595,7 +609,9 @@ class PipelineBench:
                     chain.offered[rate][f"{quantile}_ms"], higher_is_better=False,
                     target=f"< {limit:g} ms" if limit else "",
                     meets_target=value < limit if limit else None,
-                    detail={"pipeline": pipe.offered[rate], "ceiling": chain.offered[rate]}))
+                    detail={"pipeline": pipe.offered[rate], "ceiling": chain.offered[rate],
+                            "kernel_writeback": self.writeback,
+                            "rabbitmq_wal_max_bytes": self.wal_max_bytes}))
         if self.idle_gap is not None:
             figures.append(self.idle_gap)
         return figures

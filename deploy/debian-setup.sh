@@ -6,7 +6,9 @@
 #     instances on free ports, so a system Dovecot that the install started is stopped again.
 #   - RabbitMQ: installed and started when nothing listens on 127.0.0.1:5672; the plugins
 #     rabbitmq_management and rabbitmq_prometheus are always made sure of, and the management
-#     API on 127.0.0.1:15672 is waited for.
+#     API on 127.0.0.1:15672 is waited for.  deploy/rabbitmq/60-mailroute.conf (a 16 MB
+#     quorum-queue WAL) goes into /etc/rabbitmq/conf.d/, and the node is restarted once if it
+#     runs with another WAL size.
 #   - PostgreSQL: installed and started when nothing listens on 127.0.0.1:5432, with trust
 #     authentication for the user postgres from 127.0.0.1.
 #   - Prometheus (Debian's prometheus, for promtool and the scrape test): installed only; the
@@ -15,6 +17,9 @@
 #   - Chromium (Debian's chromium and chromium-driver): installed only, for the browser tests
 #     of the operations page (tests/browser/), which drive it headless through
 #     /usr/bin/chromedriver; nothing downloads a browser of its own.
+#   - Kernel writeback (deploy/sysctl/60-mailroute-writeback.conf): installed into
+#     /etc/sysctl.d/ and applied, so that the broker's fsyncs never wait behind a 30-second
+#     burst of page cache; where /proc/sys cannot be written (a container), a warning.
 #
 # Idempotent and quiet when everything is there; prints what it installs or starts.  Every wait
 # has a timeout (SETUP_TIMEOUT seconds, default 120) and fails naming the service.
@@ -29,7 +34,7 @@ log() { echo "debian-setup: $*"; }
 die() { echo "debian-setup: ERROR: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 require_root() {
@@ -129,6 +134,49 @@ rabbitmq_started() {
         && port_open 127.0.0.1 5672
 }
 
+RABBITMQ_SETTINGS="${RABBITMQ_SETTINGS:-$(dirname "${BASH_SOURCE[0]}")/rabbitmq/60-mailroute.conf}"
+
+# The running node's quorum-queue WAL size in bytes (empty if it cannot be asked).
+rabbitmq_wal_bytes() {
+    timeout 20 rabbitmqctl --quiet eval 'application:get_env(ra, wal_max_size_bytes).' \
+        2>/dev/null | grep -o '[0-9]\+' || true
+}
+
+restart_rabbitmq() {
+    if command -v systemctl >/dev/null && systemctl is-active --quiet rabbitmq-server 2>/dev/null
+    then
+        systemctl restart rabbitmq-server
+    else
+        # shutdown returns once the runtime has exited, so the node name is free again
+        timeout "$TIMEOUT" rabbitmqctl --quiet shutdown >/dev/null \
+            || die "RabbitMQ: could not stop the node to apply $RABBITMQ_SETTINGS"
+        rabbitmq-server -detached
+    fi
+    wait_for "RabbitMQ (AMQP on 127.0.0.1:5672; see /var/log/rabbitmq/)" rabbitmq_started
+}
+
+# Applies deploy/rabbitmq/60-mailroute.conf to this machine's node, restarting it when the
+# running WAL size differs (a conf.d file is read only when the node starts).
+setup_rabbitmq_settings() {
+    local want target=/etc/rabbitmq/conf.d/60-mailroute.conf
+    want="$(sed -n 's/^raft\.wal_max_size_bytes *= *//p' "$RABBITMQ_SETTINGS")"
+    if ! rabbitmq_node_runs; then
+        log "WARNING: RabbitMQ on 127.0.0.1:5672 is not this machine's rabbitmq-server node;" \
+            "apply $RABBITMQ_SETTINGS to it yourself"
+        return 0
+    fi
+    [ "$(rabbitmq_wal_bytes)" = "$want" ] && cmp -s "$RABBITMQ_SETTINGS" "$target" && return 0
+    require_root "configuring RabbitMQ"
+    mkdir -p /etc/rabbitmq/conf.d
+    cp "$RABBITMQ_SETTINGS" "$target"
+    [ "$(rabbitmq_wal_bytes)" = "$want" ] && return 0
+    log "restarting RabbitMQ to apply $target (quorum-queue WAL of $want bytes)"
+    restart_rabbitmq
+    [ "$(rabbitmq_wal_bytes)" = "$want" ] \
+        || die "RabbitMQ runs with a WAL of '$(rabbitmq_wal_bytes)' bytes after the restart," \
+               "not $want from $target"
+}
+
 setup_rabbitmq() {
     if ! port_open 127.0.0.1 5672; then
         apt_install rabbitmq-server || true
@@ -139,6 +187,7 @@ setup_rabbitmq() {
         fi
         wait_for "RabbitMQ (AMQP on 127.0.0.1:5672; see /var/log/rabbitmq/)" rabbitmq_started
     fi
+    setup_rabbitmq_settings
 
     # Both plugins answering over HTTP proves they are enabled, with no CLI round trip.
     if http_answers 127.0.0.1 15672 /api/overview && http_answers 127.0.0.1 15692 /metrics; then
@@ -252,6 +301,34 @@ setup_chromium() {
     apt_install chromium chromium-driver || true
 }
 
+# --- Kernel writeback -------------------------------------------------------------------------
+
+WRITEBACK_CONF="${WRITEBACK_CONF:-$(dirname "${BASH_SOURCE[0]}")/sysctl/60-mailroute-writeback.conf}"
+
+# Each "key = value" line of the file whose /proc/sys value differs from it.
+writeback_differs() {
+    local key value
+    while IFS=' =' read -r key value; do
+        [[ -z "$key" || "$key" == \#* ]] && continue
+        [ "$(cat "/proc/sys/${key//.//}" 2>/dev/null)" = "$value" ] || echo "$key"
+    done <"$WRITEBACK_CONF"
+}
+
+setup_writeback() {
+    local target="${WRITEBACK_TARGET:-/etc/sysctl.d/60-mailroute-writeback.conf}"
+    if [ -z "$(writeback_differs)" ] && cmp -s "$WRITEBACK_CONF" "$target"; then
+        return 0
+    fi
+    require_root "setting the kernel's writeback"
+    cp "$WRITEBACK_CONF" "$target"
+    if sysctl -q -p "$target" >/dev/null 2>&1 && [ -z "$(writeback_differs)" ]; then
+        log "kernel writeback set from $target"
+    else
+        log "WARNING: could not apply $target ($(writeback_differs | tr '\n' ' ')left as" \
+            "they are; /proc/sys is read-only here?): the broker may stall every 30 s"
+    fi
+}
+
 main() {
     case "${1:-}" in
         "") ;;
@@ -261,6 +338,7 @@ main() {
     setup_dovecot
     setup_prometheus
     setup_chromium
+    setup_writeback
     setup_rabbitmq
     setup_postgresql
 }
