@@ -67,6 +67,9 @@ from shared.topology import STAGES, Topology
 from shared.transport import Broker, Envelope, Publisher
 
 STALL_SECONDS = 60.0
+# Above this a WAL roll-over costs tens of mails over 35 ms at 300 msg/s (README "Broker and
+# kernel settings"); deploy/rabbitmq/60-mailroute.conf sets 16 MB.
+LARGE_WAL_BYTES = 64 * 1024**2
 JOURNAL_QUIET_SECONDS = 2.0  # reading the journal ends when nothing more comes for this long
 PUBLISH_CHUNK = 500
 WARMUP_SECONDS = 1.0
@@ -349,7 +352,7 @@ class PipelineBench:
                      "fsyncs wait behind): expect p99 outliers; `make services` sets "
                      "deploy/sysctl/60-mailroute-writeback.conf")
         progress(f"RabbitMQ quorum-queue WAL: {self.wal_max_bytes} bytes")
-        if self.wal_max_bytes is not None and self.wal_max_bytes > 64 * 1024**2:
+        if self.wal_max_bytes is not None and self.wal_max_bytes > LARGE_WAL_BYTES:
             progress("a large WAL stalls the broker at each roll-over: expect p99 outliers; "
                      "`make services` sets deploy/rabbitmq/60-mailroute.conf (16 MB)")
         # before the workers start, so that nothing else runs on the machine meanwhile
