@@ -111,21 +111,27 @@ def _direct_envelope() -> dict[str, Any]:
 
 
 class _StructureUnfoldingCompat32(policy.Compat32):
-    """compat32, except that the headers the parser splits parts by are unfolded.
+    """compat32, except that Content-Transfer-Encoding is unfolded, and Content-Type when a
+    line break falls inside a quoted string.
 
     compat32 keeps a folded ``boundary="simple\r\n boundary"`` as it is, so the parser looks
     for the wrong delimiter and loses every part (RFC 5322 unfolding removes the line break).
+    A fold between parameters is harmless and kept, so an attached message is serialised
+    with its headers as they were sent.
     """
 
     def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
         name, value = super().header_source_parse(sourcelines)
-        if name.lower() in _STRUCTURE_HEADERS:
+        key = name.lower()
+        if key == "content-transfer-encoding" or (key == "content-type"
+                                                  and _FOLD_IN_QUOTES.search(value)):
             value = _FOLDING.sub("", value)
         return name, value
 
 
-_STRUCTURE_HEADERS = frozenset(("content-type", "content-transfer-encoding"))
 _FOLDING = re.compile(r"\r?\n(?=[ \t])")
+# A fold after an odd number of quotes: inside a quoted string.
+_FOLD_IN_QUOTES = re.compile(r'^(?:[^"]*"[^"]*")*[^"]*"[^"]*?\r?\n[ \t]')
 _PARSE_POLICY = _StructureUnfoldingCompat32()
 _FEED_BYTES = 256 * 1024
 

@@ -201,8 +201,10 @@ def _scan_address_value(value: str) -> int | None:
     return at_signs
 
 
-def _normalise_address(address: str) -> str | None:
-    """``local@domain`` with the domain lower-cased, or None when it is not one clear mailbox."""
+def _clear_address(address: str) -> str | None:
+    """``local@domain`` as written, or None when it is not one clear mailbox.  The case is
+    kept (a record shows what the mail said); everything that compares addresses -- routing,
+    party resolution, the fingerprint -- compares them lower-cased."""
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain or "@" in local or '"' in local:
         return None
@@ -210,7 +212,7 @@ def _normalise_address(address: str) -> str | None:
         return None
     if any(char.isspace() for char in local):  # "Big Bug bb@bug.com": which words are it?
         return None
-    return f"{local}@{domain.lower()}"
+    return address
 
 
 def _plain_addresses(value: str) -> list[tuple[str, str]] | None:
@@ -259,7 +261,7 @@ def parse_addresses(name: str, values: list[str], defects: list[str]) -> list[di
             add_defect(defects, f"ambiguous-address:{name}")
             continue
         for display, addr in pairs:
-            address = _normalise_address(addr.strip())
+            address = _clear_address(addr.strip())
             if address is None:
                 add_defect(defects, f"ambiguous-address:{name}" if "@" in addr
                      else f"invalid-address:{name}")

@@ -274,9 +274,29 @@ class _VerbatimHeaders(Compat32):
         return f"{name}: {value}{self.linesep}".encode("utf-8", "surrogateescape")
 
 
+_LF_HEADERS = _VerbatimHeaders()
+_CRLF_HEADERS = _VerbatimHeaders(linesep="\r\n")
+
+
 def serialise(message: Message) -> bytes:
-    """The bytes of a parsed message, headers as read (cheaper and truer than re-folding)."""
-    return message.as_bytes(policy=_VerbatimHeaders())
+    """The bytes of a parsed message, headers as read (cheaper and truer than re-folding),
+    each header line ended as the message's own lines are (CRLF or LF), so that a message
+    sent with CRLF comes out as it was sent, not with mixed line endings."""
+    return message.as_bytes(policy=_CRLF_HEADERS if _ends_lines_with_crlf(message)
+                            else _LF_HEADERS)
+
+
+def _ends_lines_with_crlf(message: Message) -> bool:
+    """Whether the first text the parser kept with a line break in it (a body, or a folded
+    header) breaks it with CRLF."""
+    for part in message.walk():
+        for _, value in part.raw_items():  # as read: values() gives Header for 8-bit text
+            if "\n" in value:
+                return "\r\n" in value
+        payload = part.get_payload()
+        if isinstance(payload, str) and "\n" in payload:
+            return "\r\n" in payload
+    return False
 
 
 def decode_text(part: Message, data: bytes, defects: list[str]) -> str:
@@ -368,8 +388,8 @@ def _add_tnef(leaf: Leaf, content: Content, defects: list[str]) -> bool:
                 add_defect(defects, "tnef-unreadable")
                 continue
             name = f"{inner.subject}.eml" if (inner.subject or "").strip() else None
-            content.attachments.append(_attachment_from(item, name, "message/rfc822", number,
-                                                        defects))
+            content.attachments.append(_attachment_from(item, None, "message/rfc822", number,
+                                                        defects, generated=name))
             continue
         content_type = (attachment.mime_type or "application/octet-stream").strip().lower()
         content.attachments.append(_attachment_from(attachment.data, attachment.name,
@@ -385,36 +405,32 @@ def _add_tnef(leaf: Leaf, content: Content, defects: list[str]) -> bool:
 
 
 def _attachment_from(data: bytes, declared: str | None, content_type: str, number: int,
-                     defects: list[str]) -> dict[str, Any]:
-    filename = sanitise_filename(declared, f"attachment-{number}")
+                     defects: list[str], generated: str | None = None) -> dict[str, Any]:
+    """An attachment document.  ``filename`` is what persist stores and shows: the declared
+    name sanitised, else ``generated``, else ``attachment-N``; ``declared_filename`` is the
+    name as the mail declared it (decoded, NUL and lone surrogates replaced), or None."""
+    filename = sanitise_filename(declared or generated, f"attachment-{number}")
     if declared is not None and filename != declared:
         add_defect(defects, "unsafe-filename")
-    return {"filename": filename, "content_type": scrub(content_type), "size": len(data),
+    return {"filename": filename,
+            "declared_filename": None if declared is None else scrub(declared),
+            "content_type": scrub(content_type), "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "content": data}
 
 
 def _attachment_of(leaf: Leaf, number: int, defects: list[str]) -> dict[str, Any]:
     part = leaf.part
     declared = raw_filename(part, defects)
-    name = declared
+    generated = None
     if leaf.content_type.startswith("message/"):
         data = message_part_bytes(part, defects) if part.is_multipart() else payload_bytes(
             part, defects)
-        if name is None and leaf.content_type in INNER_MESSAGE_TYPES:
+        if declared is None and leaf.content_type in INNER_MESSAGE_TYPES:
             payload = part.get_payload()
             subject = (inner_subject(payload[0], defects)
                        if isinstance(payload, list) and payload
                        and isinstance(payload[0], Message) else "")
-            name = f"{subject}.eml" if subject.strip() else "attached-message.eml"
+            generated = f"{subject}.eml" if subject.strip() else "attached-message.eml"
     else:
         data = payload_bytes(part, defects)
-    filename = sanitise_filename(name, f"attachment-{number}")
-    if declared is not None and filename != declared:
-        add_defect(defects, "unsafe-filename")
-    return {
-        "filename": filename,
-        "content_type": scrub(leaf.content_type),
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "content": data,
-    }
+    return _attachment_from(data, declared, leaf.content_type, number, defects, generated)

@@ -676,7 +676,8 @@ class EmailStore:
     def attachments_for(self, email_id: int) -> list[dict[str, Any]]:
         attachments = self._tables.attachments
         return self._all(
-            select(attachments.c.sha256, attachments.c.filename, attachments.c.content_type,
+            select(attachments.c.sha256, attachments.c.filename,
+                   attachments.c.declared_filename, attachments.c.content_type,
                    attachments.c.size, attachments.c.status)
             .where(attachments.c.email_id == email_id)
             .order_by(attachments.c.id)
@@ -768,7 +769,8 @@ def _rows_for(document: dict[str, Any], now: datetime) -> _Prepared:
     parties: dict[tuple[str, str], dict[str, Any]] = {}
     for role, key in PARTY_FIELDS:
         for party in _addresses(email, key):
-            parties.setdefault((role, party["address"]), {"role": role, **party})
+            # one party per address, compared as routing compares them: case-insensitively
+            parties.setdefault((role, party["address"].lower()), {"role": role, **party})
     attachments: dict[tuple[str, str], dict[str, Any]] = {}
     contents: list[dict[str, Any]] = []
     for attachment in email.get("attachments") or []:
@@ -778,6 +780,7 @@ def _rows_for(document: dict[str, Any], now: datetime) -> _Prepared:
             filename = sanitise_filename(_text(attachment["filename"]))
             attachments.setdefault((sha256, filename), {
                 "sha256": sha256, "filename": filename, "status": status,
+                "declared_filename": _optional_text(attachment.get("declared_filename")),
                 "content_type": _text(attachment["content_type"]),
                 "size": _bigint(attachment["size"], "attachment.size")})
             continue
@@ -794,6 +797,7 @@ def _rows_for(document: dict[str, Any], now: datetime) -> _Prepared:
             "status": "stored",
             "sha256": sha256,
             "filename": filename,
+            "declared_filename": _optional_text(attachment.get("declared_filename")),
             "content_type": _text(attachment["content_type"]),
             "size": len(content),
         })

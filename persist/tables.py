@@ -198,6 +198,8 @@ def build_tables() -> Tables:
         # No foreign key to attachment_contents: a refused attachment has no content row.
         Column("sha256", String, nullable=False),
         Column("filename", Text, nullable=False),
+        # the name as the mail declared it; NULL when none (filename was generated)
+        Column("declared_filename", Text),
         Column("content_type", String, nullable=False),
         Column("size", BigInteger, nullable=False),
         Column("status", String, nullable=False, server_default="stored"),

@@ -101,7 +101,10 @@ def show_email(obj: Context, email_id: int) -> None:
         out(f"  {party['role']:<12} {party['address']} {party['name']!r} "
             f"{party['resolution'] or 'unresolved'} {target}".rstrip())
     for attachment in store.attachments_for(email_id):
-        out(f"  attachment   {attachment['filename']!r} {attachment['content_type']} "
+        declared = attachment["declared_filename"]
+        naming = ("" if declared == attachment["filename"] else " (no declared name)"
+                  if declared is None else f" (declared {declared!r})")
+        out(f"  attachment   {attachment['filename']!r}{naming} {attachment['content_type']} "
             f"{attachment['size']} bytes {attachment['status']} sha256 "
             f"{attachment['sha256'][:16]}")
     for note in email["notes"] or []:

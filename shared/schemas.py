@@ -82,6 +82,9 @@ class AddressSchema(Schema):
 
 class AttachmentSchema(Schema):
     filename = fields.String(required=True)  # sanitised; never a path
+    # The name the part declared (decoded, unsanitised), None when it declared none.  Not
+    # required: documents parsed before it existed lack it (persist stores NULL).
+    declared_filename = fields.String(allow_none=True)
     content_type = fields.String(required=True)
     size = fields.Integer(required=True)
     sha256 = fields.String(required=True)

@@ -45,7 +45,8 @@ def test_emails_list_and_show_explain_each_delivery(config: Path) -> None:
     engine = create_engine_for(settings.database.url)
     upgrade(engine)
     run = Pipeline(engine, settings, blobs=Path(settings.attachments.path))
-    parent = run(mail("e1@c", attachments=(("run.exe", b"MZ"),)), "support")
+    parent = run(mail("e1@c", attachments=(("run.exe", b"MZ"), ("reports/q3.pdf", b"%PDF"))),
+                 "support")
     raw = mail("e2@c", sender="stranger@else.example", subject="Re: Order 17",
                reply_to="e1@c", to="ann@corp.example")
     reply = run.save(run.route(raw, "ann"))[0]
@@ -67,6 +68,7 @@ def test_emails_list_and_show_explain_each_delivery(config: Path) -> None:
     assert "case" in out and "'Order 17' (open, created)" in out
     assert "'run.exe' application/octet-stream 2 bytes blocked-extension" in out
     assert "note         attachment-blocked:run.exe" in out
+    assert "'q3.pdf' (declared 'reports/q3.pdf') " in out  # sanitised, and what was declared
 
     code, out = invoke(config, "emails", "show", str(reply))
     assert code == 0, out

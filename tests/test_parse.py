@@ -88,7 +88,8 @@ def test_direct_message_keeps_attached_message_as_attachment() -> None:
     assert mail["subject"] == "Email with RFC 822 attachment"
     [attachment] = mail["attachments"]
     assert attachment["content_type"] == "message/rfc822"
-    assert attachment["filename"] == "Attached email.eml"
+    assert attachment["filename"] == "Attached email.eml"  # generated from its subject
+    assert attachment["declared_filename"] is None
     inner = email.parser.BytesParser(policy=policy.default).parsebytes(attachment["content"])
     assert inner["subject"] == "Attached email"
 
@@ -227,7 +228,7 @@ def test_ambiguous_addresses_are_dropped_with_a_defect() -> None:
         "Subject: cve"))
     assert mail["from_"] == []
     assert mail["to"] == []
-    assert mail["cc"] == [{"name": "Dave", "address": "dave@example.org"}]
+    assert mail["cc"] == [{"name": "Dave", "address": "dave@Example.ORG"}]  # as written
     assert mail["reply_to"] == []
     assert {"ambiguous-address:from", "ambiguous-address:to",
             "ambiguous-address:reply-to"} <= set(mail["defects"])
@@ -244,6 +245,9 @@ def test_unsafe_attachment_names_are_sanitised() -> None:
     filenames = [item["filename"] for item in mail["attachments"]]
     assert filenames == ["x", "_.._boot.ini", "a\ufffdb.txt", "invoicegpj.exe",
                          "attachment-5", "evil.dll"]
+    # the name as declared stays beside it (only NUL replaced: PostgreSQL text cannot hold it)
+    assert [item["declared_filename"] for item in mail["attachments"]] == [
+        name.replace("\x00", "\ufffd") for name in names]
     for name in filenames:
         assert "/" not in name and "\\" not in name and "\x00" not in name
     assert all(item["content"] == b"hi" for item in mail["attachments"])
@@ -256,6 +260,58 @@ def test_unsafe_attachment_names_are_sanitised() -> None:
 ])
 def test_sanitise_filename(name: str | None, expected: str) -> None:
     assert sanitise_filename(name, "fallback") == expected
+
+
+def test_declared_filename_is_none_when_the_name_was_generated() -> None:
+    body = ('--q\nContent-Type: application/pdf\nContent-Transfer-Encoding: base64\n\naGk=\n'
+            '--q\nContent-Type: text/csv; name="rows.csv"\n\na,b\n--q--\n')
+    mail = only_email(crafted('Subject: n\nMIME-Version: 1.0\n'
+                              'Content-Type: multipart/mixed; boundary="q"', body))
+    assert [(a["filename"], a["declared_filename"]) for a in mail["attachments"]] == [
+        ("attachment-1", None), ("rows.csv", "rows.csv")]
+
+
+def test_declared_filename_in_an_unquoted_encoded_word_is_decoded() -> None:
+    # name==?koi8-r?B?...?=: the standard library's policy.default finds no filename here
+    [attachment] = only_email(corpus("james-mime4j/testmsgs/russian-headers.msg"))["attachments"]
+    assert attachment["declared_filename"] == attachment["filename"] == "Список.doc"
+
+
+def test_an_attached_message_keeps_its_folded_content_type_as_sent() -> None:
+    inner = ('From: a@example.org\nSubject: inner\nMIME-Version: 1.0\n'
+             'Content-Type: multipart/alternative;\n\tboundary="in"\n\n'
+             '--in\nContent-Type: text/plain\n\nplain\n--in--\n')
+    body = f'--q\nContent-Type: message/rfc822\n\n{inner}--q--\n'
+    mail = only_email(crafted('Subject: outer\nMIME-Version: 1.0\n'
+                              'Content-Type: multipart/mixed; boundary="q"', body))
+    [attachment] = mail["attachments"]
+    # the fold between parameters is kept (only a fold inside quotes is removed)
+    assert b'multipart/alternative;\r\n\tboundary="in"' in attachment["content"]
+    reread = email.parser.BytesParser(policy=policy.default).parsebytes(attachment["content"])
+    plain = reread.get_body(("plain",))
+    assert plain is not None and plain.get_content().strip() == "plain"
+
+
+def test_an_attached_message_with_raw_8bit_headers_comes_back_as_sent() -> None:
+    inner = (b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n au lait\r\n\r\n"
+             b"body\r\n")
+    raw = (b'Subject: outer\r\nMIME-Version: 1.0\r\n'
+           b'Content-Type: multipart/mixed; boundary="q"\r\n\r\n'
+           b"--q\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"--q--\r\n")
+    [attachment] = only_email(raw)["attachments"]
+    # byte for byte, but for the line break before the delimiter, which is the delimiter's
+    assert attachment["content"] == inner.removesuffix(b"\r\n")
+
+
+def test_address_case_is_kept_as_written() -> None:
+    mail = only_email(crafted("From: Bob <Bob@Example.COM>\nTo: carol@EXAMPLE.org\n"
+                              "Subject: case"))
+    assert mail["from_"] == [{"name": "Bob", "address": "Bob@Example.COM"}]
+    assert mail["to"] == [{"name": "", "address": "carol@EXAMPLE.org"}]
+    # the fingerprint compares addresses case-insensitively
+    lower = only_email(crafted("From: Bob <bob@example.com>\nTo: carol@example.org\n"
+                               "Subject: case"))
+    assert mail["fingerprint"] == lower["fingerprint"]
 
 
 def test_broken_base64_decodes_with_a_defect() -> None:

@@ -81,6 +81,7 @@ def routed_document(
                 {"name": "Alice", "address": "alice@example.com"},
                 {"name": "Bob", "address": "bob@example.com"},
                 {"name": "Alice again", "address": "alice@example.com"},
+                {"name": "Alice shouting", "address": "ALICE@example.COM"},  # the same party
             ],
             "cc": [{"address": "support@example.com"}],
             "reply_to": [],
@@ -369,6 +370,17 @@ def test_attachment_content_is_stored_once(db_engine: Engine) -> None:
 
     store.save([routed_document("<three@example.com>", attachments=[attachment(shared_pdf)])])
     assert store.count_rows()["attachment_contents"] == 2
+
+
+def test_declared_filenames_are_stored_beside_the_shown_ones(db_engine: Engine) -> None:
+    store = EmailStore(db_engine)
+    generated = {**attachment(b"one", "attachment-1"), "declared_filename": None}
+    unsafe = {**attachment(b"two", "evil.dll"), "declared_filename": "C:\\Windows\\evil.dll"}
+    older = attachment(b"three", "old.pdf")  # parsed before documents carried the field
+    [result] = store.save([routed_document(attachments=[generated, unsafe, older])])
+    assert [(a["filename"], a["declared_filename"])
+            for a in store.attachments_for(result.email_id)] == [
+        ("attachment-1", None), ("evil.dll", "C:\\Windows\\evil.dll"), ("old.pdf", None)]
 
 
 def test_an_attachment_whose_hash_lies_is_refused(db_engine: Engine) -> None:

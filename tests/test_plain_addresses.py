@@ -80,7 +80,7 @@ def test_parse_addresses_reads_plain_and_unusual_values_alike() -> None:
     defects: list[str] = []
     assert parse_addresses("to", ["Ann Lee <Ann@Example.COM>, bob@example.com",
                                   '"Doe, John" <john@example.com>'], defects) == [
-        {"name": "Ann Lee", "address": "Ann@example.com"},
+        {"name": "Ann Lee", "address": "Ann@Example.COM"},  # as written
         {"name": "", "address": "bob@example.com"},
         {"name": "Doe, John", "address": "john@example.com"},
     ]

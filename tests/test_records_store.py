@@ -220,8 +220,9 @@ def test_contacts_and_accounts_from_the_cli_resolve_parties(db_engine: Engine) -
     run = Pipeline(db_engine, config())
     email_id = run(mail("c1@c", sender="dan+x@ACME.example", to="eve@acme.example"))
     parties = {p["address"]: p for p in run.store.resolved_parties_for(email_id)}
-    assert parties["dan+x@acme.example"]["resolution"] == "contact"
-    assert parties["dan+x@acme.example"]["account_id"] is not None
+    # stored as the mail wrote it, resolved case-insensitively
+    assert parties["dan+x@ACME.example"]["resolution"] == "contact"
+    assert parties["dan+x@ACME.example"]["account_id"] is not None
     assert parties["eve@acme.example"]["resolution"] == "account"
 
 

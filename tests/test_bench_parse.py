@@ -1,0 +1,57 @@
+"""bench.parse's field comparison with the standard library, on chosen corpus messages: what
+is identical, what each explanation recognises, and that anything else fails (the full
+benchmark, timed, is never run by the test suite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.parse import Comparison, compare_corpus, differences, ours_direct, stdlib_direct
+from shared.settings import LimitSettings
+
+CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
+
+
+def compared(*names: str) -> Comparison:
+    return compare_corpus(list(names), [(CORPUS / name).read_bytes() for name in names],
+                          LimitSettings())
+
+
+@pytest.mark.parametrize("name", [
+    # attachments without a name: parse_raw names them, and declares None as the library does
+    "django-mailbox/message_with_rfc822_attachment.eml",
+    # domains written in capitals (MAILER-DAEMON@AOL.com) are kept as written
+    "flufl-bounce/aol_01.txt",
+    # an attached message sent with CRLF: both give it back byte for byte
+    "ruby-mail/attachment_emails/attachment_message_rfc822.eml",
+    # message/delivery-status: every recipient's block, as sent
+    "flufl-bounce/dsn_05.txt",
+])
+def test_identical_messages(name: str) -> None:
+    result = compared(name)
+    assert (result.compared, result.identical) == (1, 1), result.as_json()
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("james-mime4j/testmsgs/russian-headers.msg", "filename-not-read"),
+    ("james-mime4j/testmsgs/base64encoded-rfc822message.msg", "message-rewritten"),
+    ("flufl-bounce/postfix_01.txt", "comment-name"),
+    ("ruby-mail/rfc2822/example10.eml", "comment-in-name"),
+    ("ruby-mail/error_emails/empty_in_reply_to.eml", "subject-trimmed"),
+])
+def test_each_explanation_is_recognised(name: str, reason: str) -> None:
+    result = compared(name)
+    assert (result.identical, result.explained, result.unexplained) == (0, 1, []), \
+        result.as_json()
+    assert reason in result.reasons
+
+
+def test_a_difference_no_explanation_covers_is_unexplained() -> None:
+    raw = (CORPUS / "django-mailbox/message_with_rfc822_attachment.eml").read_bytes()
+    ours, theirs = ours_direct(raw, LimitSettings()), stdlib_direct(raw, diagnose=True)
+    assert differences(ours, theirs) == {}
+    ours["attachments"][0]["declared_filename"] = "invented.eml"
+    ours["to"][0]["address"] = ours["to"][0]["address"].upper()
+    assert differences(ours, theirs) == {"attachments": None, "to": None}
