@@ -11,8 +11,9 @@ parsed by both sides from the same bytes, in interleaved rounds (median round re
 
 The reference ("ceiling" in the report; the ratio is then the speed-up) is
 ``email.message_from_bytes(raw, policy=policy.default)`` extracting the same fields: subject,
-from/to/cc addresses, date, message id, text and HTML bodies, attachments' names and bytes,
-with ``message/rfc822`` unwrapped for envelopes.  The fields both sides extract are then
+from/to/cc addresses, date, message id, text and HTML bodies, attachments' declared names
+and bytes (an attached message serialised with its headers as read), with
+``message/rfc822`` unwrapped for envelopes.  The fields both sides extract are then
 compared exactly, message by message (outside the timed loops): a message is identical, or
 differs only for reasons listed in :data:`EXPLANATIONS` (each recognised by its own test and
 counted), or differs for no known reason.  Fails with :class:`~bench.common.BenchError` when
@@ -39,13 +40,17 @@ from bench.common import BenchError, Figure, median, progress
 from bench.mail import forward_envelope, html_mail, plain_mail
 from parse.extract import parse_raw
 from parse.headers import decode_words
-from parse.mime import TNEF_TYPES, sanitise_filename
+from parse.mime import TNEF_TYPES
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
 
 FIELDS = ("subject", "from", "to", "cc", "date", "message_id", "text", "html",
           "attachments")
 INNER_TYPES = ("message/rfc822", "message/global")
+# The library's truest serialisation of an attached message: headers as read, not re-folded,
+# lines ended as the message's own are.
+AS_READ = policy.default.clone(refold_source="none", max_line_length=0)
+AS_READ_CRLF = AS_READ.clone(linesep="\r\n")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -58,10 +63,12 @@ class ParseSettings:
 
 
 # -- the standard library side -----------------------------------------------------------
-def stdlib_direct(raw: bytes) -> dict[str, Any]:
+def stdlib_direct(raw: bytes, diagnose: bool = False) -> dict[str, Any]:
+    """The library's fields; ``diagnose`` (for the comparison, never timed) also notes which
+    attachments declare a name the library could not read (``names_not_read``)."""
     message = email.message_from_bytes(raw, policy=policy.default)
     assert isinstance(message, EmailMessage)
-    return stdlib_fields(message)
+    return stdlib_fields(message, diagnose)
 
 
 def stdlib_forward(raw: bytes) -> list[dict[str, Any]]:
@@ -81,7 +88,7 @@ def stdlib_forward(raw: bytes) -> list[dict[str, Any]]:
     return inner
 
 
-def stdlib_fields(message: EmailMessage) -> dict[str, Any]:
+def stdlib_fields(message: EmailMessage, diagnose: bool = False) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "subject": str(message.get("subject", "")),
         "from": _addresses(message, "from"),
@@ -104,6 +111,9 @@ def stdlib_fields(message: EmailMessage) -> dict[str, Any]:
                                                  "replace")
             continue
         name = part.get_filename()
+        if diagnose and name is None and _NAME_PARAMETER.search(
+                _raw_header(part, "content-disposition") + _raw_header(part, "content-type")):
+            fields.setdefault("names_not_read", []).append(len(fields["attachments"]))
         if (content_type in ("text/plain", "text/html") and name is None
                 and part.get_content_disposition() != "attachment"):
             content = part.get_content()
@@ -115,14 +125,34 @@ def stdlib_fields(message: EmailMessage) -> dict[str, Any]:
                 fields["html"] = content
                 continue
         if content_type.startswith("message/") and part.is_multipart():
-            attached = part.get_payload(0)
-            assert isinstance(attached, Message)
-            data = attached.as_bytes()
+            # message/rfc822 holds one message; message/delivery-status one header block per
+            # recipient, each parsed as a message
+            written = AS_READ_CRLF if _crlf_payload(part) else AS_READ
+            data = b"".join(block.as_bytes(policy=written) for block in part.iter_parts())
+            if content_type == "message/delivery-status":
+                data = data.removesuffix(written.linesep.encode())  # no blank line after the last
         else:
             payload = part.get_payload(decode=True)
             data = payload if isinstance(payload, bytes) else b""
         fields["attachments"].append((name, data, content_type))
     return fields
+
+
+_NAME_PARAMETER = re.compile(r";\s*(?:file)?name\*?=", re.IGNORECASE)
+
+
+def _raw_header(part: EmailMessage, name: str) -> str:
+    """A header's value as read (folded, undecoded), '' when absent."""
+    return next((value for key, value in part.raw_items() if key.lower() == name), "")
+
+
+def _crlf_payload(part: Message) -> bool:
+    """Whether the first body in ``part`` with a line break in it breaks it with CRLF."""
+    for inner in part.walk():
+        payload = inner.get_payload()
+        if isinstance(payload, str) and "\n" in payload:
+            return "\r\n" in payload
+    return False
 
 
 def _leaves(message: EmailMessage) -> list[EmailMessage]:
@@ -171,10 +201,13 @@ EXPLANATIONS = {
     "nul-replaced": "parse_raw replaces NUL with U+FFFD (PostgreSQL text cannot hold NUL)",
     "whitespace": "equal once runs of blanks and line breaks are collapsed (header folding, "
                   "trailing blanks, the line break before a delimiter)",
-    "domain-case": "parse_raw lower-cases address domains (case-insensitive, RFC 5321)",
-    "comment-name": "comments in an address ('addr (Name)', 'Name (comment) <addr>'): "
-                    "parse_raw keeps them in the display name (getaddresses), the library "
-                    "drops them",
+    "comment-name": "'addr (Name)', the old way of naming a mailbox: the library gives no "
+                    "display name, parse_raw takes the comment as the name (getaddresses)",
+    "comment-in-name": "'Name (comment) <addr>': parse_raw keeps the comments in the display "
+                       "name (getaddresses), the library drops them (RFC 5322: a comment is "
+                       "not part of the name)",
+    "subject-trimmed": "a subject with blanks around it: parse_raw trims them, the library "
+                       "keeps them",
     "repeated-header": "the address header appears more than once: parse_raw reads every "
                        "occurrence, the library's get() only the first",
     "null-sender": "'<>' (a bounce's null sender) is no mailbox to parse_raw; the library "
@@ -190,19 +223,21 @@ EXPLANATIONS = {
     "parts-recovered": "the library found no parts (a folded boundary parameter); parse_raw "
                        "unfolds it (RFC 5322) and reads the parts",
     "tnef-opened": "parse_raw opens winmail.dat (TNEF): its files and body replace it",
-    "generated-filename": "the library has no filename; parse_raw names the attachment "
-                          "(attachment-N, <subject>.eml)",
-    "sanitised-filename": "the declared filename with directories, controls or bidi "
-                          "characters removed (and RFC 2047 words in it decoded)",
-    "path-stripped": "a path-like filename: parse_raw keeps the part after the last slash or "
-                     "backslash; the library reads a backslash in quotes as an escape and "
-                     "keeps the path",
+    "filename-not-read": "the part names a file in a form the library cannot read (an "
+                         "unquoted RFC 2047 word: name==?koi8-r?B?...?=) and it gives no "
+                         "filename; parse_raw reads and decodes it",
+    "filename-words-decoded": "RFC 2047 encoded words in a filename (not standard, but "
+                              "common): parse_raw decodes them, the library keeps them",
+    "backslash-kept": "a Windows path as a quoted filename: parse_raw keeps its "
+                      "backslashes, the library reads each as an escape and drops it",
     "unquoted-filename": "a filename with blanks sent unquoted: parse_raw keeps it whole, "
                          "the library only its first word",
     "encoding-recognised": "a Content-Transfer-Encoding with trailing blanks: the library "
                            "returns the still-encoded bytes, parse_raw decodes them",
-    "message-refolded": "an attached message/*: the library re-folds its headers when "
-                        "serialising it, parse_raw keeps the bytes as read",
+    "message-rewritten": "an attached message/* that the library gives back otherwise than "
+                         "it was sent: still base64-encoded (it does not undo a transfer "
+                         "encoding on a message part), or, where one message mixes CRLF and "
+                         "LF line endings, with its header lines ended differently",
 }
 _BLANKS = re.compile(r"\s+")
 
@@ -246,18 +281,16 @@ def _address_reason(header: str, ours: list[dict[str, str]], theirs: list[tuple[
     reasons = set()
     for mine, (name, address) in zip(ours, theirs, strict=True):
         if mine["address"] != address:
-            local, _, domain = address.rpartition("@")
-            if _lossy(address):
-                reasons.add("stdlib-undecodable")
-            elif mine["address"] != f"{local}@{domain.lower()}":
+            if not _lossy(address):
                 return None
-            else:
-                reasons.add("domain-case")
+            reasons.add("stdlib-undecodable")
         if mine["name"] != name:
             if _lossy(name):
                 reasons.add("stdlib-undecodable")
-            elif not name or (mine["name"].startswith(name) and "(" in mine["name"]):
+            elif not name and "(" not in mine["name"]:
                 reasons.add("comment-name")
+            elif mine["name"].startswith(name) and "(" in mine["name"]:
+                reasons.add("comment-in-name")
             elif mine["name"].replace(" ", "") == name.replace(" ", ""):
                 reasons.add("whitespace")
             else:
@@ -266,7 +299,7 @@ def _address_reason(header: str, ours: list[dict[str, str]], theirs: list[tuple[
 
 
 def _attachment_reason(ours: list[dict[str, Any]], theirs: list[tuple[str | None, bytes, str]],
-                       stdlib_no_parts: bool) -> str | None:
+                       stdlib_no_parts: bool, names_not_read: list[int]) -> str | None:
     if any(content_type in TNEF_TYPES for _, _, content_type in theirs):
         return "tnef-opened"
     if stdlib_no_parts and len(ours) > len(theirs):
@@ -278,21 +311,25 @@ def _attachment_reason(ours: list[dict[str, Any]], theirs: list[tuple[str | None
             zip(ours, theirs, strict=True), start=1):
         if mine["content"] != data:
             if content_type.startswith("message/"):
-                reasons.add("message-refolded")
+                reasons.add("message-rewritten")
             elif mine["content"] == binascii.a2b_base64(data):
                 reasons.add("encoding-recognised")
             else:
                 return None
-        if mine["filename"] != name:
-            if name is None:
-                reasons.add("generated-filename")
-            elif mine["filename"] == sanitise_filename(decode_words(name, []),
-                                                       f"attachment-{number}"):
-                reasons.add("sanitised-filename")
-            elif mine["filename"].startswith(name + " "):
+        declared = mine["declared_filename"]
+        if declared != name:
+            if name is None and declared is not None and number - 1 in names_not_read:
+                reasons.add("filename-not-read")
+                continue
+            if name is None or declared is None:
+                return None
+            decoded = decode_words(name, [])
+            if declared == decoded:
+                reasons.add("filename-words-decoded")
+            elif declared.startswith(name + " "):
                 reasons.add("unquoted-filename")
-            elif "/" in name and decode_words(name, []).endswith(mine["filename"]):
-                reasons.add("path-stripped")
+            elif "\\" in declared and declared.replace("\\", "") in (name, decoded):
+                reasons.add("backslash-kept")
             elif _lossy(name):
                 reasons.add("stdlib-undecodable")
             else:
@@ -309,7 +346,10 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, str |
     differ: dict[str, str | None] = {}
     for name in ("subject", "text", "html"):
         if ours[name] != theirs[name]:
-            differ[name] = _text_reason(ours[name], theirs[name], defects, no_parts, tnef)
+            trimmed = (name == "subject" and theirs[name] is not None
+                       and ours[name] == theirs[name].strip())
+            differ[name] = ("subject-trimmed" if trimmed else
+                            _text_reason(ours[name], theirs[name], defects, no_parts, tnef))
     if ours["message_id"] != theirs["message_id"]:
         mine, other = ours["message_id"] or "", theirs["message_id"] or ""
         differ["message_id"] = ("message-id-kept" if other and mine.startswith(other)
@@ -322,10 +362,10 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, str |
         theirs_date = theirs_date.replace(tzinfo=UTC)
     if ours["date"] != theirs_date:
         differ["date"] = None
-    if [(a["filename"], a["content"], a["content_type"]) for a in ours["attachments"]] != \
-            theirs["attachments"]:
+    if [(a["declared_filename"], a["content"], a["content_type"])
+            for a in ours["attachments"]] != theirs["attachments"]:
         differ["attachments"] = _attachment_reason(ours["attachments"], theirs["attachments"],
-                                                   no_parts)
+                                                   no_parts, theirs.get("names_not_read", []))
     return differ
 
 
@@ -375,7 +415,7 @@ def compare_corpus(names: Sequence[str], raws: Sequence[bytes],
             result.failures.append(f"{name}: parse_raw refused it: {exc.reason}")
             continue
         try:
-            theirs = stdlib_direct(raw)
+            theirs = stdlib_direct(raw, diagnose=True)
         except Exception as exc:
             result.stdlib_failed += 1
             result.failures.append(f"{name}: the library failed: {type(exc).__name__}: "
