@@ -237,7 +237,8 @@ EXPLANATIONS = {
     "message-rewritten": "an attached message/* that the library gives back otherwise than "
                          "it was sent: still base64-encoded (it does not undo a transfer "
                          "encoding on a message part), or, where one message mixes CRLF and "
-                         "LF line endings, with its header lines ended differently",
+                         "LF line endings, with its header lines ended differently (equal "
+                         "once its base64 is decoded and the line endings made alike)",
 }
 _BLANKS = re.compile(r"\s+")
 
@@ -310,7 +311,7 @@ def _attachment_reason(ours: list[dict[str, Any]], theirs: list[tuple[str | None
     for number, (mine, (name, data, content_type)) in enumerate(
             zip(ours, theirs, strict=True), start=1):
         if mine["content"] != data:
-            if content_type.startswith("message/"):
+            if content_type.startswith("message/") and _rewritten(mine["content"], data):
                 reasons.add("message-rewritten")
             elif mine["content"] == binascii.a2b_base64(data):
                 reasons.add("encoding-recognised")
@@ -335,6 +336,18 @@ def _attachment_reason(ours: list[dict[str, Any]], theirs: list[tuple[str | None
             else:
                 return None
     return sorted(reasons)[0] if reasons else None
+
+
+def _rewritten(ours: bytes, theirs: bytes) -> bool:
+    """The same message, but for line endings or a base64 encoding the library left on."""
+    def lines(data: bytes) -> bytes:
+        return data.replace(b"\r\n", b"\n")
+    if lines(ours) == lines(theirs):
+        return True
+    try:
+        return lines(binascii.a2b_base64(theirs)) == lines(ours)
+    except binascii.Error:
+        return False
 
 
 def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, str | None]:

@@ -261,6 +261,9 @@ def message_part_bytes(part: Message, defects: list[str]) -> bytes:
         body = whole[split.end():] if split else b""
     encoding = unfold(str(part.get("content-transfer-encoding", ""))).lower()
     if encoding == "base64":
+        if _not_base64(body):  # a message labelled base64 but sent as text: keep the text
+            add_defect(defects, "not-base64")
+            return body
         return decode_base64(body, defects)
     if encoding == "quoted-printable":
         return binascii.a2b_qp(body)

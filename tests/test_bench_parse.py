@@ -28,6 +28,8 @@ def compared(*names: str) -> Comparison:
     "ruby-mail/attachment_emails/attachment_message_rfc822.eml",
     # message/delivery-status: every recipient's block, as sent
     "flufl-bounce/dsn_05.txt",
+    # an attached message labelled base64 but sent as text, which both keep as text
+    "demisto-parse-emails/containing_corrupted_eml.eml",
 ])
 def test_identical_messages(name: str) -> None:
     result = compared(name)
@@ -55,3 +57,11 @@ def test_a_difference_no_explanation_covers_is_unexplained() -> None:
     ours["attachments"][0]["declared_filename"] = "invented.eml"
     ours["to"][0]["address"] = ours["to"][0]["address"].upper()
     assert differences(ours, theirs) == {"attachments": None, "to": None}
+
+
+def test_an_attached_message_with_other_content_is_unexplained() -> None:
+    raw = (CORPUS / "james-mime4j/testmsgs/base64encoded-rfc822message.msg").read_bytes()
+    ours, theirs = ours_direct(raw, LimitSettings()), stdlib_direct(raw, diagnose=True)
+    assert differences(ours, theirs) == {"attachments": "message-rewritten"}
+    ours["attachments"][0]["content"] += b"one more line\n"
+    assert differences(ours, theirs) == {"attachments": None}

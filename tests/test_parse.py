@@ -480,6 +480,13 @@ def test_text_body_labelled_base64_that_is_plain_text_stays_text(name: str, star
     assert "not-base64" in mail["defects"]
 
 
+def test_an_attached_message_labelled_base64_but_sent_as_text_stays_text() -> None:
+    mail = only_email(corpus("demisto-parse-emails/containing_corrupted_eml.eml"))
+    [attachment] = mail["attachments"]
+    assert attachment["content"].startswith(b"Content-Type: text/plain")
+    assert "not-base64" in mail["defects"]
+
+
 def test_real_base64_with_a_stray_character_is_still_decoded() -> None:
     mail = only_email(corpus("enmime/testdata/parts/extra-base64-character.raw"))
     assert mail["text"] == "Hello World!"
