@@ -43,6 +43,7 @@ pytest_plugins = ["tests.db_fixtures"]
 ADMIN_TOKEN = "web-admin-token-0123456789"
 MAILBOX_PASSWORD = "imap-password-for-ann-42"
 HOSTILE = "<script>alert('owned')</script> & \"quotes\""
+HOSTILE_FILENAME = "<b>x</b>/invoice\u202efdp.exe"  # a path, markup, right-to-left override
 
 
 @pytest.fixture
@@ -95,8 +96,8 @@ def make_emails(engine: Engine, settings: Settings) -> dict[str, int]:
     first = run(mail("order-17@customer.example"), "support")
     reply = run(mail("reply-17@customer.example", subject="Re: Order 17",
                      reply_to="order-17@customer.example", to="ann@corp.example"), "ann")
-    hostile = run(mail("evil@else.example", sender="mallory@else.example", subject=HOSTILE),
-                  "support")
+    hostile = run(mail("evil@else.example", sender="mallory@else.example", subject=HOSTILE,
+                       attachments=((HOSTILE_FILENAME, b"%PDF"),)), "support")
     return {"first": first, "reply": reply, "hostile": hostile}
 
 
@@ -244,6 +245,14 @@ def test_a_hostile_subject_is_escaped_everywhere(
         assert "<script>alert" not in page, path
     response = client.get("/")
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+
+
+def test_a_hostile_attachment_name_is_shown_sanitised_and_its_declared_form_escaped(
+        client: FlaskClient, emails: dict[str, int]) -> None:
+    page = text(client.get(f"/emails/{emails['hostile']}"))
+    assert "<li>invoicefdp.exe (declared " in page  # directories and the override removed
+    assert "\\u202e" in page  # the declared name's override shown as an escape
+    assert "\u202e" not in page and "<b>x</b>" not in page
 
 
 # -- token, CSRF, actions --------------------------------------------------------------------
