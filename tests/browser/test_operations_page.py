@@ -209,9 +209,10 @@ def test_dead_letter_retried_from_page_then_email_with_evidence(pipeline: Pipeli
     page.open("/emails")
     page.await_(lambda: len(page.css("table#emails tr[data-email]")) >= 2,
                 "recent emails listed", refresh=True)
-    search = page.one("form#search input[name=q]")
-    search.send_keys(CAROL_MESSAGE_ID)
-    search.submit()
+    page.one("form#search input[name=q]").send_keys(CAROL_MESSAGE_ID)
+    # follow waits for the results page: a refresh while the submit was still loading
+    # cancelled it and kept reloading the unfiltered list (a CI failure, 2026-11-28)
+    page.follow(page.one("button#search-button"))
     page.await_(lambda: len(page.css("table#emails tr[data-email]")) == 1,
                 "carol's email found by its Message-ID after the retry", refresh=True)
     page.open("/emails")
