@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
-from email.message import EmailMessage, Message
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from bench.common import BenchError, Figure, median, progress
 from bench.mail import forward_envelope, html_mail, plain_mail
 from parse.extract import parse_raw
 from parse.headers import decode_words
-from parse.mime import TNEF_TYPES
+from parse.mime import TNEF_TYPES, ends_lines_with_crlf
 from shared.errors import PermanentError
 from shared.settings import LimitSettings
 
@@ -127,7 +127,7 @@ def stdlib_fields(message: EmailMessage, diagnose: bool = False) -> dict[str, An
         if content_type.startswith("message/") and part.is_multipart():
             # message/rfc822 holds one message; message/delivery-status one header block per
             # recipient, each parsed as a message
-            written = AS_READ_CRLF if _crlf_payload(part) else AS_READ
+            written = AS_READ_CRLF if ends_lines_with_crlf(part) else AS_READ
             data = b"".join(block.as_bytes(policy=written) for block in part.iter_parts())
             if content_type == "message/delivery-status":
                 data = data.removesuffix(written.linesep.encode())  # no blank line after the last
@@ -144,15 +144,6 @@ _NAME_PARAMETER = re.compile(r";\s*(?:file)?name\*?=", re.IGNORECASE)
 def _raw_header(part: EmailMessage, name: str) -> str:
     """A header's value as read (folded, undecoded), '' when absent."""
     return next((value for key, value in part.raw_items() if key.lower() == name), "")
-
-
-def _crlf_payload(part: Message) -> bool:
-    """Whether the first body in ``part`` with a line break in it breaks it with CRLF."""
-    for inner in part.walk():
-        payload = inner.get_payload()
-        if isinstance(payload, str) and "\n" in payload:
-            return "\r\n" in payload
-    return False
 
 
 def _leaves(message: EmailMessage) -> list[EmailMessage]:
@@ -234,11 +225,9 @@ EXPLANATIONS = {
                          "the library only its first word",
     "encoding-recognised": "a Content-Transfer-Encoding with trailing blanks: the library "
                            "returns the still-encoded bytes, parse_raw decodes them",
-    "message-rewritten": "an attached message/* that the library gives back otherwise than "
-                         "it was sent: still base64-encoded (it does not undo a transfer "
-                         "encoding on a message part), or, where one message mixes CRLF and "
-                         "LF line endings, with its header lines ended differently (equal "
-                         "once its base64 is decoded and the line endings made alike)",
+    "message-still-base64": "an attached message/* sent base64-encoded: the library does "
+                            "not undo a transfer encoding on a message part and gives the "
+                            "encoded text back, parse_raw decodes it",
 }
 _BLANKS = re.compile(r"\s+")
 
@@ -311,8 +300,8 @@ def _attachment_reason(ours: list[dict[str, Any]], theirs: list[tuple[str | None
     for number, (mine, (name, data, content_type)) in enumerate(
             zip(ours, theirs, strict=True), start=1):
         if mine["content"] != data:
-            if content_type.startswith("message/") and _rewritten(mine["content"], data):
-                reasons.add("message-rewritten")
+            if content_type.startswith("message/") and _still_base64(mine["content"], data):
+                reasons.add("message-still-base64")
             elif mine["content"] == binascii.a2b_base64(data):
                 reasons.add("encoding-recognised")
             else:
@@ -338,14 +327,10 @@ def _attachment_reason(ours: list[dict[str, Any]], theirs: list[tuple[str | None
     return sorted(reasons)[0] if reasons else None
 
 
-def _rewritten(ours: bytes, theirs: bytes) -> bool:
-    """The same message, but for line endings or a base64 encoding the library left on."""
-    def lines(data: bytes) -> bytes:
-        return data.replace(b"\r\n", b"\n")
-    if lines(ours) == lines(theirs):
-        return True
+def _still_base64(ours: bytes, theirs: bytes) -> bool:
+    """The same message, which the library left base64-encoded."""
     try:
-        return lines(binascii.a2b_base64(theirs)) == lines(ours)
+        return binascii.a2b_base64(theirs) == ours
     except binascii.Error:
         return False
 

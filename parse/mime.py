@@ -285,11 +285,11 @@ def serialise(message: Message) -> bytes:
     """The bytes of a parsed message, headers as read (cheaper and truer than re-folding),
     each header line ended as the message's own lines are (CRLF or LF), so that a message
     sent with CRLF comes out as it was sent, not with mixed line endings."""
-    return message.as_bytes(policy=_CRLF_HEADERS if _ends_lines_with_crlf(message)
+    return message.as_bytes(policy=_CRLF_HEADERS if ends_lines_with_crlf(message)
                             else _LF_HEADERS)
 
 
-def _ends_lines_with_crlf(message: Message) -> bool:
+def ends_lines_with_crlf(message: Message) -> bool:
     """Whether the first text the parser kept with a line break in it (a body, or a folded
     header) breaks it with CRLF."""
     for part in message.walk():

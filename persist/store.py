@@ -775,12 +775,13 @@ def _rows_for(document: dict[str, Any], now: datetime) -> _Prepared:
     contents: list[dict[str, Any]] = []
     for attachment in email.get("attachments") or []:
         status = _text(attachment.get("status") or "stored")
+        declared = _optional_text(attachment.get("declared_filename"))
         if status != "stored":
             sha256 = _text(attachment["sha256"]).lower()
             filename = sanitise_filename(_text(attachment["filename"]))
             attachments.setdefault((sha256, filename), {
                 "sha256": sha256, "filename": filename, "status": status,
-                "declared_filename": _optional_text(attachment.get("declared_filename")),
+                "declared_filename": declared,
                 "content_type": _text(attachment["content_type"]),
                 "size": _bigint(attachment["size"], "attachment.size")})
             continue
@@ -797,7 +798,7 @@ def _rows_for(document: dict[str, Any], now: datetime) -> _Prepared:
             "status": "stored",
             "sha256": sha256,
             "filename": filename,
-            "declared_filename": _optional_text(attachment.get("declared_filename")),
+            "declared_filename": declared,
             "content_type": _text(attachment["content_type"]),
             "size": len(content),
         })
