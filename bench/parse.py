@@ -194,11 +194,6 @@ EXPLANATIONS = {
                   "trailing blanks, the line break before a delimiter)",
     "comment-name": "'addr (Name)', the old way of naming a mailbox: the library gives no "
                     "display name, parse_raw takes the comment as the name (getaddresses)",
-    "comment-in-name": "'Name (comment) <addr>': parse_raw keeps the comments in the display "
-                       "name (getaddresses), the library drops them (RFC 5322: a comment is "
-                       "not part of the name)",
-    "subject-trimmed": "a subject with blanks around it: parse_raw trims them, the library "
-                       "keeps them",
     "repeated-header": "the address header appears more than once: parse_raw reads every "
                        "occurrence, the library's get() only the first",
     "null-sender": "'<>' (a bounce's null sender) is no mailbox to parse_raw; the library "
@@ -279,8 +274,6 @@ def _address_reason(header: str, ours: list[dict[str, str]], theirs: list[tuple[
                 reasons.add("stdlib-undecodable")
             elif not name and "(" not in mine["name"]:
                 reasons.add("comment-name")
-            elif mine["name"].startswith(name) and "(" in mine["name"]:
-                reasons.add("comment-in-name")
             elif mine["name"].replace(" ", "") == name.replace(" ", ""):
                 reasons.add("whitespace")
             else:
@@ -344,10 +337,7 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, str |
     differ: dict[str, str | None] = {}
     for name in ("subject", "text", "html"):
         if ours[name] != theirs[name]:
-            trimmed = (name == "subject" and theirs[name] is not None
-                       and ours[name] == theirs[name].strip())
-            differ[name] = ("subject-trimmed" if trimmed else
-                            _text_reason(ours[name], theirs[name], defects, no_parts, tnef))
+            differ[name] = _text_reason(ours[name], theirs[name], defects, no_parts, tnef)
     if ours["message_id"] != theirs["message_id"]:
         mine, other = ours["message_id"] or "", theirs["message_id"] or ""
         differ["message_id"] = ("message-id-kept" if other and mine.startswith(other)

@@ -181,7 +181,8 @@ def build_email(message: Message, size: int, limits: LimitSettings,
     subject_values = used.get("subject")
     email: dict[str, Any] = {
         "message_id": parse_message_id(used.get("message-id", [])),
-        "subject": decode_words(subject_values[0], defects) if subject_values else "",
+        "subject": (decode_words(subject_values[0], defects, keep_end=True)
+                    if subject_values else ""),
         "date": parse_date(used.get("date", []), defects),
     }
     for header, key in _ADDRESS_HEADERS.items():
@@ -232,7 +233,8 @@ def _open_forward(outer: Message, size: int, limits: LimitSettings,
         "forwarder": senders[0] if senders else None,
         "forwarder_header": "from",
         "outer_message_id": parse_message_id(used.get("message-id", [])),
-        "outer_subject": decode_words(subject_values[0], defects) if subject_values else None,
+        "outer_subject": (decode_words(subject_values[0], defects, keep_end=True)
+                          if subject_values else None),
         "index": 0,
         "headers": headers,
         "defects": defects,

@@ -26,11 +26,13 @@ _MAX_COMMENT_DEPTH = 8
 _MAX_ENCODED_TEXT = 16384
 
 
-def unfold(value: str) -> str:
-    """One logical line: folding line breaks removed, ends trimmed."""
+def unfold(value: str, keep_end: bool = False) -> str:
+    """One logical line: folding line breaks removed, ends trimmed.  With ``keep_end`` only
+    the blanks after the colon go and trailing blanks stay, as RFC 5322 reads an
+    unstructured value (a subject)."""
     if "\n" in value or "\r" in value:
         value = _FOLD.sub("", value).replace("\r", "").replace("\n", "")
-    return value.strip()
+    return value.lstrip(" \t") if keep_end else value.strip()
 
 
 def raw_text(value: str) -> str:
@@ -83,9 +85,10 @@ def decode_bytes(data: bytes, charset: str | None, defects: list[str]) -> str:
     return scrub(utf8_or_cp1252(data))
 
 
-def decode_words(value: str, defects: list[str]) -> str:
-    """An unstructured header value (Subject, a display name) with RFC 2047 words decoded."""
-    text = raw_text(unfold(value))
+def decode_words(value: str, defects: list[str], keep_end: bool = False) -> str:
+    """An unstructured header value (Subject, a display name) with RFC 2047 words decoded;
+    ``keep_end`` as for :func:`unfold`."""
+    text = raw_text(unfold(value, keep_end))
     if "=?" not in text:
         return text
     if len(text) > _MAX_ENCODED_TEXT:
@@ -201,6 +204,56 @@ def _scan_address_value(value: str) -> int | None:
     return at_signs
 
 
+def _without_name_comments(value: str) -> str:
+    """``value`` with the comments taken out of every ``Name <addr>`` item.
+
+    RFC 5322 makes a comment part of neither the display name nor the address, but
+    getaddresses folds comments -- even those inside the angle brackets -- into the name
+    (``Pete(A wonderful \\) chap) <pete(his account)@silly.test>``).  A bare
+    ``addr (Name)`` keeps its comment: that is the old way of naming a mailbox, and
+    getaddresses reads it as the name.  ``value`` is balanced (see _scan_address_value).
+    """
+    items: list[str] = []
+    kept: list[str] = []
+    stripped: list[str] = []
+    has_angle = in_quote = escaped = False
+    comment_depth = angle_depth = 0
+    for char in value:
+        in_comment = comment_depth > 0
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_quote:
+            if char == '"':
+                in_quote = False
+        elif comment_depth:
+            comment_depth += 1 if char == "(" else -1 if char == ")" else 0
+        elif char == '"':
+            in_quote = True
+        elif char == "(":
+            comment_depth = 1
+            in_comment = True
+            if not angle_depth:
+                stripped.append(" ")  # a comment separates words like a blank
+        elif char == "<":
+            angle_depth += 1
+            has_angle = True
+        elif char == ">":
+            angle_depth -= 1
+        elif char in ",;" and not angle_depth:
+            kept.append(char)
+            stripped.append(char)
+            items.append("".join(stripped if has_angle else kept))
+            kept, stripped, has_angle = [], [], False
+            continue
+        kept.append(char)
+        if not in_comment:
+            stripped.append(char)
+    items.append("".join(stripped if has_angle else kept))
+    return "".join(items)
+
+
 def _clear_address(address: str) -> str | None:
     """``local@domain`` as written, or None when it is not one clear mailbox.  The case is
     kept (a record shows what the mail said); everything that compares addresses -- routing,
@@ -252,7 +305,8 @@ def parse_addresses(name: str, values: list[str], defects: list[str]) -> list[di
         pairs = _plain_addresses(value)
         if pairs is None:
             try:
-                pairs = getaddresses([value])
+                pairs = getaddresses([_without_name_comments(value) if "(" in value
+                                      else value])
             except Exception:  # RecursionError and friends on hostile values
                 add_defect(defects, f"ambiguous-address:{name}")
                 continue

@@ -201,7 +201,7 @@ class Router:
         records: dict[str, Any] = {"case": None, "case_id": None, "rule": None,
                                    "priority": None, "owner": None, "queue": None,
                                    "link_case": False, "auto_reply": auto_reply,
-                                   "notes": notes, "title": email.get("subject") or ""}
+                                   "notes": notes, "title": (email.get("subject") or "").strip()}
         if fired:
             records["rule"] = fired[0][1].name
         thread_case = correlation.parent.case_id if correlation.parent else None

@@ -73,6 +73,44 @@ def test_rfc2047_subject_in_euc_kr() -> None:
     assert "우리는 하나님을 믿습니다" in mail["text"]
 
 
+def test_comments_are_no_part_of_a_display_name() -> None:
+    """RFC 5322's obsolete-syntax example: comments in the name, inside the angle brackets
+    and after them.  getaddresses alone gave 'Pete (A wonderful ) chap his account his
+    host)' and "Chris Jones (Chris's host.)"."""
+    mail = only_email(corpus("ruby-mail/rfc2822/example10.eml"))
+    assert mail["from_"] == [{"name": "Pete", "address": "pete@silly.test"}]
+    assert mail["to"] == [{"name": "Chris Jones", "address": "c@public.example"},
+                          {"name": "", "address": "joe@example.org"},
+                          {"name": "John", "address": "jdoe@one.test"}]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("John (middle) Smith <js@example.com>", [("John Smith", "js@example.com")]),
+    ("(team) Ann <ann@example.com>", [("Ann", "ann@example.com")]),
+    ('"Sales (EMEA)" <sales@example.com>', [("Sales (EMEA)", "sales@example.com")]),
+    ("Eve <eve(at@work)@example.com>", [("Eve", "eve@example.com")]),
+    ("Nested (a (b) c) Name <n@example.com>", [("Nested Name", "n@example.com")]),
+    # the old 'addr (Name)' form keeps its comment as the name, in a list with the new form
+    ("bob@example.com (Bob Smith), Ann (x) <ann@example.com>",
+     [("Bob Smith", "bob@example.com"), ("Ann", "ann@example.com")]),
+    ("Team: Ann (x) <ann@example.com>, bob@example.com (Bob);",
+     [("Ann", "ann@example.com"), ("Bob", "bob@example.com")]),
+])
+def test_comments_in_address_headers(value: str, expected: list[tuple[str, str]]) -> None:
+    mail = only_email(crafted(f"From: {value}\nSubject: s"))
+    assert [(a["name"], a["address"]) for a in mail["from_"]] == expected
+    assert mail["defects"] == []
+
+
+def test_subject_keeps_trailing_blanks_and_drops_the_fold_after_the_colon() -> None:
+    assert only_email(corpus("ruby-mail/error_emails/empty_in_reply_to.eml"))["subject"] \
+        == "illegal copy of our patient education software "
+    mail = only_email(crafted("From: a@example.com\nSubject:\n\t  Quarterly  report \t"))
+    assert mail["subject"] == "Quarterly  report \t"
+    assert only_email(crafted("From: a@example.com\nSubject: =?utf-8?q?caf=C3=A9_?="))[
+        "subject"] == "café "
+
+
 def test_multipart_with_attachment() -> None:
     mail = only_email(corpus("demisto-parse-emails/eml_contains_htm_attachment.eml"))
     assert mail["html"] == '<div dir="ltr"><br></div>\n'

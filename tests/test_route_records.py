@@ -293,6 +293,12 @@ def test_each_rule_condition(condition: dict[str, Any], matching: tuple[str, dic
     assert name is None and records["case"] is None
 
 
+def test_a_case_title_is_the_subject_without_surrounding_blanks() -> None:
+    doc = parsed(build(subject="Order 17 broken  "))
+    assert doc["email"]["subject"] == "Order 17 broken  "  # the record keeps it as written
+    assert fired(doc, rule("r"))[1]["title"] == "Order 17 broken"
+
+
 def test_thread_state_conditions() -> None:
     history = MemoryHistory()
     history.add(KnownEmail(1, 1, "root@x", case_id=None))
