@@ -168,12 +168,30 @@ def _aware_datetime(value: Any) -> datetime:
     return parsed
 
 
+def _without_floats(value: Any) -> Any:
+    """``value``, a JSON value of no declared type, when it holds no float.
+
+    No document has floats, and a JSON reader may have made one of an integer too big for
+    it (see ``shared.fastjson``): the caller then reads the bytes again.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            raise Uncertain()
+        if type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return value
+
+
 def _dict_loader(field: fields.Dict) -> Convert:
     if field.key_field is None and field.value_field is None:
         def load_any(value: Any) -> dict[Any, Any]:
             if type(value) is not dict:
                 raise Uncertain()
-            return dict(value)
+            return dict(_without_floats(value))
         return load_any
     key = _element_loader(field.key_field) if field.key_field is not None else None
     item = _element_loader(field.value_field) if field.value_field is not None else None
@@ -184,7 +202,7 @@ def _dict_loader(field: fields.Dict) -> Convert:
         if key is None:
             return {k: item(v) for k, v in value.items()}  # type: ignore[misc]
         if item is None:
-            return {key(k): v for k, v in value.items()}
+            return {key(k): _without_floats(v) for k, v in value.items()}
         return {key(k): item(v) for k, v in value.items()}
 
     return load

@@ -20,6 +20,7 @@ import io
 import json
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any, Literal, TypeGuard
 
 from marshmallow import Schema, ValidationError, fields, validate
@@ -203,15 +204,14 @@ class Codec:
         return _splice(encoded, blobs) if blobs else encoded
 
     def decode(self, edge: Edge, body: bytes | str) -> dict[str, Any]:
-        try:
-            data = _loads(edge, body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise PermanentError("bad-document", f"{edge}: not JSON: {exc}") from exc
+        data = _read_json(edge, body, fastjson.loads)
         try:
             fast: dict[str, Any] = self._loaders[edge](data)
             return fast
         except Exception:  # Uncertain, or a surprise: marshmallow decides
             pass
+        # on what json.loads reads: orjson reads an integer past 64 bits as a float
+        data = _read_json(edge, body, json.loads)
         try:
             loaded: dict[str, Any] = self._schemas[edge].load(data)
         except ValidationError as exc:
@@ -314,8 +314,15 @@ _BIG_BASE64_MEMBER = re.compile(
     rb'"(?:raw|content)"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9+/]{%d,}={0,2})"' % _SPLICE_MIN_BYTES)
 
 
-def _loads(edge: Edge, body: bytes | str) -> Any:
-    """``json.loads(body)``, leaving big ``raw``/``content`` base64 strings in ``body``.
+def _read_json(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any]) -> Any:
+    try:
+        return _loads(edge, body, loads)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PermanentError("bad-document", f"{edge}: not JSON: {exc}") from exc
+
+
+def _loads(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any]) -> Any:
+    """``loads(body)``, leaving big ``raw``/``content`` base64 strings in ``body``.
 
     json.loads would decode the whole body into one str and copy each string out of it.
     The big base64 members are cut out first (placeholders in their stead), the small rest is
@@ -325,7 +332,7 @@ def _loads(edge: Edge, body: bytes | str) -> Any:
     match is a real member, or the document was not valid JSON either way.
     """
     if not isinstance(body, bytes) or len(body) < _SPLICE_MIN_BYTES:
-        return json.loads(body)
+        return loads(body)
     token = secrets.token_hex(16)
     spliced: dict[str, memoryview] = {}
     pieces: list[bytes] = []
@@ -339,9 +346,9 @@ def _loads(edge: Edge, body: bytes | str) -> Any:
         pieces += (body[position:match.start(1)], placeholder.encode("ascii"))
         position = match.end(1)
     if not spliced:
-        return json.loads(body)
+        return loads(body)
     pieces.append(body[position:])
-    data = json.loads(b"".join(pieces))
+    data = loads(b"".join(pieces))
     if edge == "raw":
         _take_spliced(data, "raw", spliced)
     else:

@@ -102,3 +102,62 @@ JSON_VALUES = st.recursive(
 @given(JSON_VALUES)
 def test_any_value_reads_back_as_what_json_writes_for_it(value: Any) -> None:
     assert json.loads(fastjson.dumps(value)) == json.loads(_stdlib(value))
+
+
+# -- reading -------------------------------------------------------------------------------
+def test_corpus_documents_are_read_as_the_standard_library_reads_them() -> None:
+    values = [value for found in corpus_documents().values() for value in found]
+    for value in values:
+        written = _stdlib(value)
+        assert fastjson.loads(written) == json.loads(written)
+        assert fastjson.loads(written.decode("utf-8")) == json.loads(written)
+
+
+@pytest.mark.parametrize("text", [
+    b"NaN", b"[Infinity]", b"1e400", b'"lone \\ud800 surrogate"', b"\xef\xbb\xbf{}",
+    b"[" * 2000 + b"]" * 2000,
+], ids=["nan", "infinity", "infinite-number", "lone-surrogate", "byte-order-mark",
+        "deep-nesting"])
+def test_what_orjson_refuses_is_read_as_json_reads_it(text: bytes) -> None:
+    try:
+        expected: Any = json.loads(text)
+    except RecursionError:
+        with pytest.raises(RecursionError):
+            fastjson.loads(text)
+        return
+    got = fastjson.loads(text)
+    assert repr(got) == repr(expected)  # repr: NaN is not equal to itself
+
+
+@pytest.mark.parametrize("text", [b"", b"{", b'{"a":1,}', b"\xff\xfe", b"[1] x", "{'a': 1}"])
+def test_what_is_not_json_raises_the_standard_librarys_exception(text: bytes | str) -> None:
+    with pytest.raises(ValueError) as ours:
+        fastjson.loads(text)
+    with pytest.raises(ValueError) as theirs:
+        json.loads(text)
+    assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value))
+
+
+def test_an_integer_past_64_bits_is_the_one_difference() -> None:
+    """What shared.schemas guards against (tests/test_fastschema.py)."""
+    assert fastjson.loads(b"[18446744073709551615]") == [2**64 - 1]
+    assert fastjson.loads(b"[18446744073709551616]") == [float(2**64)]
+    assert json.loads(b"[18446744073709551616]") == [2**64]
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_any_value_within_64_bits_is_read_as_json_reads_it(value: Any) -> None:
+    written = _stdlib(value)
+    expected = json.loads(written)
+    if any(type(n) is int and not -(2**63) <= n < 2**64 for n in _numbers(expected)):
+        return
+    assert repr(fastjson.loads(written)) == repr(expected)
+
+
+def _numbers(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [n for item in value.values() for n in _numbers(item)]
+    if isinstance(value, list):
+        return [n for item in value for n in _numbers(item)]
+    return [value]
