@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_DIR = REPO / "var" / "bench"
@@ -301,10 +301,18 @@ def pids_named(command: str) -> list[int]:
     return found
 
 
-def machine_cpu_times(stat: str | None = None) -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs so far, from ``/proc/stat``'s ``cpu`` line:
-    busy is user, nice, system, irq and softirq; total adds idle, iowait and steal.  None
-    where it cannot be read."""
+class CpuTimes(NamedTuple):
+    """Clock ticks of all CPUs so far (``/proc/stat``'s ``cpu`` line): busy is user, nice,
+    system, irq and softirq; total adds idle, iowait and steal; steal is the time the
+    hypervisor gave this machine's vCPUs to someone else while they had work."""
+
+    busy: int
+    total: int
+    steal: int
+
+
+def machine_cpu_times(stat: str | None = None) -> CpuTimes | None:
+    """The machine's :class:`CpuTimes` now, or None where they cannot be read."""
     try:
         text = stat if stat is not None else Path("/proc/stat").read_text()
         fields = [int(value) for value in text.splitlines()[0].split()[1:9]]
@@ -314,14 +322,22 @@ def machine_cpu_times(stat: str | None = None) -> tuple[int, int] | None:
         return None
     user, nice, system, idle, iowait, irq, softirq, steal = fields
     busy = user + nice + system + irq + softirq
-    return busy, busy + idle + iowait + steal
+    return CpuTimes(busy, busy + idle + iowait + steal, steal)
 
 
-def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+def busy_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
     """The share of the machine's CPU time that was busy between two readings."""
-    if before is None or after is None or after[1] <= before[1]:
+    if before is None or after is None or after.total <= before.total:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return (after.busy - before.busy) / (after.total - before.total)
+
+
+def steal_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
+    """The share of the machine's CPU time the hypervisor took between two readings: on a
+    shared host, work measured then ran on less than the machine's cores."""
+    if before is None or after is None or after.total <= before.total:
+        return None
+    return (after.steal - before.steal) / (after.total - before.total)
 
 
 class CpuMeter:
@@ -329,15 +345,17 @@ class CpuMeter:
 
     Groups are given as pids, or as command names looked up at each reading (PostgreSQL
     starts a process per connection).  A process that exits in between is not counted.
-    :attr:`machine_busy` is the whole machine's :func:`busy_share` over the same span.
+    :attr:`machine_busy` is the whole machine's :func:`busy_share` over the same span, and
+    :attr:`machine_stolen` its :func:`steal_share`.
     """
 
     def __init__(self, groups: dict[str, list[int] | str]) -> None:
         self.groups = groups
         self._before: dict[str, dict[int, float]] = {}
-        self._machine_before: tuple[int, int] | None = None
+        self._machine_before: CpuTimes | None = None
         self.used: dict[str, float] = {}
         self.machine_busy: float | None = None
+        self.machine_stolen: float | None = None
 
     def _read(self) -> dict[str, dict[int, float]]:
         readings = {}
@@ -352,7 +370,9 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         after = self._read()
-        self.machine_busy = busy_share(self._machine_before, machine_cpu_times())
+        machine = machine_cpu_times()
+        self.machine_busy = busy_share(self._machine_before, machine)
+        self.machine_stolen = steal_share(self._machine_before, machine)
         self.used = {
             name: sum(value - self._before.get(name, {}).get(pid, 0.0)
                       for pid, value in readings.items())

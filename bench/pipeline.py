@@ -424,13 +424,12 @@ class PipelineBench:
             wait_until(lambda: chain.reader.count(tag + "-"), len(documents),
                        "ceiling saturated", chain.hops.check_alive)
             cpu = meter.stop()
-            busy = meter.machine_busy
         finished = [t for trace, t in chain.reader.read().items() if trace.startswith(tag)]
-        result = self.saturated_result(opened, finished, cpu)
-        result["machine_busy_share"] = busy
+        result = self.saturated_result(opened, finished, cpu, meter)
         self.chain.saturated.append(result)
         progress(f"ceiling saturated: {result['throughput']:.0f} msg/s")
-        progress(cpu_summary(result["cpu_ms_per_message"], busy))
+        progress(cpu_summary(result["cpu_ms_per_message"], meter.machine_busy,
+                             meter.machine_stolen))
 
     def pipeline_saturated(self, vhost: Vhost, config: Path, work: Path, engine: Any,
                            profile: Path | None = None) -> None:
@@ -453,7 +452,6 @@ class PipelineBench:
                 if spy:
                     spy.stop()
             cpu = meter.stop()
-            busy = meter.machine_busy
             handler = handler_seconds(workers)
             codes = workers.stop_all()
         if any(codes.values()):
@@ -462,19 +460,19 @@ class PipelineBench:
         if len(finished) != len(documents):
             raise BenchError(f"pipeline saturated: {len(finished)} rows for "
                              f"{len(documents)} messages")
-        result = self.saturated_result(opened, list(finished.values()), cpu)
+        result = self.saturated_result(opened, list(finished.values()), cpu, meter)
         result["handler_ms_per_message"] = handler
-        result["machine_busy_share"] = busy
         if profile:
             self.profiled = result
         else:
             self.pipeline.saturated.append(result)
         progress(f"pipeline saturated: {result['throughput']:.0f} msg/s"
                  f"{' (under py-spy)' if profile else ''}")
-        progress(cpu_summary(result["cpu_ms_per_message"], busy))
+        progress(cpu_summary(result["cpu_ms_per_message"], meter.machine_busy,
+                             meter.machine_stolen))
 
     def saturated_result(self, opened: float, finished: list[float],
-                         cpu: dict[str, float]) -> dict[str, Any]:
+                         cpu: dict[str, float], meter: CpuMeter) -> dict[str, Any]:
         count = len(finished)
         elapsed = max(finished) - opened
         return {
@@ -483,6 +481,8 @@ class PipelineBench:
             "throughput": count / elapsed,
             "steady_throughput": steady_rate(finished),
             "cpu_ms_per_message": {k: v * 1000 / count for k, v in cpu.items()},
+            "machine_busy_share": meter.machine_busy,
+            "machine_steal_share": meter.machine_stolen,
         }
 
     # -- offered load -----------------------------------------------------------------------
@@ -514,7 +514,6 @@ class PipelineBench:
                 sent = publish_paced(publisher, documents, rate, f"{label} at {rate}/s")
                 wait_until(counted, len(documents), f"{label} at {rate}/s", check)
                 cpu = meter.stop()
-                busy = meter.machine_busy
                 wal_after = wal_number()
                 finished = finish_times(tag)
                 missing = [t for t in sent if t not in finished]
@@ -522,7 +521,8 @@ class PipelineBench:
                     raise BenchError(f"{label} at {rate}/s: {len(missing)} messages without "
                                      f"a finish time, e.g. {missing[0]}")
                 stats = latency_stats([finished[t] - at for t, at in sent.items()], sent)
-                stats["machine_busy_share"] = busy
+                stats["machine_busy_share"] = meter.machine_busy
+                stats["machine_steal_share"] = meter.machine_stolen
                 stats["rabbitmq_wal_rollovers"] = (
                     wal_after - wal_before
                     if wal_before is not None and wal_after is not None else None)
@@ -547,7 +547,8 @@ class PipelineBench:
                     progress(f"  {hop:8s} p50 {hop_stat['p50']:6.1f}  p90 {hop_stat['p90']:6.1f}  "
                              f"p99 {hop_stat['p99']:6.1f} ms")
                 if cpu:
-                    progress(cpu_summary(stats["cpu_ms_per_message"], busy))
+                    progress(cpu_summary(stats["cpu_ms_per_message"], meter.machine_busy,
+                                         meter.machine_stolen))
         finally:
             publisher.close()
 
@@ -617,14 +618,26 @@ class PipelineBench:
                             "rabbitmq_wal_max_bytes": self.wal_max_bytes}))
         if self.idle_gap is not None:
             figures.append(self.idle_gap)
+        phases = [*pipe.saturated, *pipe.offered.values(), *chain.saturated,
+                  *chain.offered.values()]
+        stolen = [p["machine_steal_share"] for p in phases
+                  if p.get("machine_steal_share") is not None]
+        if stolen:
+            # Not a ceiling: how much of the machine the host took while these ran.
+            figures.append(Figure("machine: host steal, worst phase", max(stolen) * 100, "%",
+                                  None, detail={"worst_phase": True,
+                                                "phases": [p * 100 for p in stolen]}))
         return figures
 
 
-def cpu_summary(cpu_ms_per_message: dict[str, float], busy: float | None) -> str:
-    """The progress line of a run's CPU: per message for each process, and the machine."""
+def cpu_summary(cpu_ms_per_message: dict[str, float], busy: float | None,
+                stolen: float | None = None) -> str:
+    """The progress line of a run's CPU: per message for each process, and the machine
+    (how busy, and how much the hypervisor took)."""
     return ("  CPU ms per message: " + ", ".join(
         f"{name} {ms:.2f}" for name, ms in cpu_ms_per_message.items())
-        + ("" if busy is None else f"; machine busy {busy:.0%}"))
+        + ("" if busy is None else f"; machine busy {busy:.0%}")
+        + ("" if stolen is None else f", stolen by the host {stolen:.0%}"))
 
 
 def committed(workers: StageWorkers) -> float:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bench.common import CpuMeter, busy_share, machine_cpu_times
+from bench.common import CpuMeter, CpuTimes, busy_share, machine_cpu_times, steal_share
 from bench.idle import Clocks, cpu_per_unit, idle_gap_figure
 from bench.pipeline import cpu_summary
 
@@ -82,17 +82,20 @@ def test_machine_busy_share_counts_work_against_all_time_including_steal() -> No
                                            steal=0))
     after = machine_cpu_times(STAT.format(user=1700, system=800, idle=8100, softirq=40,
                                           steal=100))
-    assert before == (1000 + 10 + 500 + 3 + 20, 1533 + 8000 + 5 + 0)
+    assert before == CpuTimes(1000 + 10 + 500 + 3 + 20, 1533 + 8000 + 5 + 0, 0)
     # 1,020 busy ticks of 1,220: 100 idle, 100 stolen by the hypervisor
     assert busy_share(before, after) == pytest.approx(1020 / 1220)
+    assert steal_share(before, after) == pytest.approx(100 / 1220)
 
 
 def test_machine_busy_share_is_none_when_it_cannot_be_read() -> None:
     assert machine_cpu_times("") is None
     assert machine_cpu_times("cpu 1 2 3\n") is None
     assert machine_cpu_times("cpu a b c d e f g h\n") is None
-    assert busy_share(None, (1, 2)) is None
-    assert busy_share((5, 10), (5, 10)) is None  # no time passed
+    assert busy_share(None, CpuTimes(1, 2, 0)) is None
+    assert busy_share(CpuTimes(5, 10, 0), CpuTimes(5, 10, 0)) is None  # no time passed
+    assert steal_share(None, CpuTimes(1, 2, 0)) is None
+    assert steal_share(CpuTimes(5, 10, 1), CpuTimes(5, 10, 1)) is None
     assert machine_cpu_times() is not None  # this machine's /proc/stat
 
 
@@ -101,6 +104,9 @@ def test_the_cpu_line_names_each_process_and_the_machine_when_known() -> None:
     assert cpu_summary(per_message, 0.953) == (
         "  CPU ms per message: parse 0.96, rabbitmq 2.40; machine busy 95%")
     assert cpu_summary(per_message, None) == "  CPU ms per message: parse 0.96, rabbitmq 2.40"
+    assert cpu_summary(per_message, 0.80, 0.124) == (
+        "  CPU ms per message: parse 0.96, rabbitmq 2.40; machine busy 80%, "
+        "stolen by the host 12%")
 
 
 def test_a_cpu_meter_gives_the_machines_busy_share_over_its_span() -> None:
@@ -112,3 +118,22 @@ def test_a_cpu_meter_gives_the_machines_busy_share_over_its_span() -> None:
         pass  # busy until the kernel counts a busy tick: a span with CPU time in it
     assert meter.stop() == {}
     assert meter.machine_busy is not None and 0 < meter.machine_busy <= 1
+    assert meter.machine_stolen is not None and 0 <= meter.machine_stolen < 1
+
+
+def test_the_pipeline_figures_report_the_worst_phases_host_steal() -> None:
+    from bench.pipeline import PipelineBench, PipelineSettings
+
+    bench = PipelineBench(PipelineSettings(rates=(300,)))
+    phase = {"p50_ms": 5.0, "p99_ms": 20.0}
+    bench.pipeline.saturated = [{"throughput": 1000.0, "machine_steal_share": 0.02}]
+    bench.chain.saturated = [{"throughput": 3000.0, "machine_steal_share": None}]
+    bench.pipeline.offered = {300: {**phase, "machine_steal_share": 0.15}}
+    bench.chain.offered = {300: {**phase, "machine_steal_share": 0.05}}
+    [steal] = [f for f in bench.figures() if "steal" in f.name]
+    assert steal.value == pytest.approx(15.0) and steal.unit == "%" and steal.ceiling is None
+    assert "ratio" not in steal.line()
+    bench.pipeline.offered[300]["machine_steal_share"] = None
+    bench.pipeline.saturated[0]["machine_steal_share"] = None
+    bench.chain.offered[300]["machine_steal_share"] = None
+    assert not [f for f in bench.figures() if "steal" in f.name]
