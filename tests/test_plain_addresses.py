@@ -1,6 +1,7 @@
 """parse.headers' fast path for plain address headers gives exactly what the standard
 library's ``getaddresses`` gives, on the corpus and on generated values, and declines
-anything that is not plain (which ``getaddresses`` then parses as before)."""
+anything that is not plain (which ``getaddresses`` then parses as before); comments in and
+around ``Name <addr>`` are dropped as ``policy.default`` drops them."""
 
 from __future__ import annotations
 
@@ -84,4 +85,41 @@ def test_parse_addresses_reads_plain_and_unusual_values_alike() -> None:
         {"name": "", "address": "bob@example.com"},
         {"name": "Doe, John", "address": "john@example.com"},
     ]
+    assert defects == []
+
+
+# -- comments: no part of a display name, as policy.default reads them ---------------------
+WORD = st.text("aZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=5)
+COMMENT = st.builds(lambda words, nested: "(" + " ".join(words) + (f" ({nested})" if nested
+                                                                    else "") + ")",
+                    st.lists(WORD, min_size=1, max_size=2), st.one_of(st.just(""), WORD))
+NAME_PART = st.one_of(WORD, COMMENT)
+LOCAL = st.text("aZ09", min_size=1, max_size=5)
+
+
+@st.composite
+def name_addr_with_comments(draw: st.DrawFn) -> str:
+    parts = draw(st.lists(NAME_PART, min_size=1, max_size=4))
+    local, domain = draw(LOCAL), draw(LOCAL)
+    inside = draw(st.sampled_from(["", "local", "domain"]))
+    comment = draw(COMMENT)
+    address = (f"{local}{comment}@{domain}" if inside == "local"
+               else f"{local}@{comment}{domain}" if inside == "domain"
+               else f"{local}@{domain}")
+    after = draw(st.one_of(st.just(""), COMMENT))
+    return f"{' '.join(parts)} <{address}> {after}".strip()
+
+
+def library_mailboxes(value: str) -> list[tuple[str, str]]:
+    message = email.message_from_string(f"From: {value}\n\n", policy=policy.default)
+    return [(a.display_name, a.addr_spec) for a in message["from"].addresses]
+
+
+@settings(max_examples=500)
+@given(st.lists(name_addr_with_comments(), min_size=1, max_size=3).map(", ".join))
+def test_comments_in_and_around_name_addr_are_dropped_as_the_library_drops_them(
+        value: str) -> None:
+    defects: list[str] = []
+    ours = [(a["name"], a["address"]) for a in parse_addresses("from", [value], defects)]
+    assert ours == library_mailboxes(value), value
     assert defects == []
