@@ -47,6 +47,7 @@ from shared.errors import PermanentError
 from shared.settings import RuleSettings, Settings
 
 CANARY = "canary"  # the untracked_reason of a canary's delivery (never stored)
+TimedFacts = tuple[ThreadFacts, datetime]  # what threading goes by, and when it was received
 
 
 def route(parsed: dict[str, Any], directory: Directory,
@@ -104,30 +105,34 @@ class Router:
         self.token = TrackingToken(settings.threading.token_format)
         self._principals = {(p.kind, p.name): p for p in self.directory.principals}
 
-    def _thread_facts(self, parsed: dict[str, Any]) -> tuple[ThreadFacts, datetime]:
+    def threading_facts(self, parsed: dict[str, Any]) -> TimedFacts:
+        """What threading goes by in ``parsed`` (external participants only), and when it
+        was received."""
         facts = thread_facts(parsed["email"], self.token)
         facts = dataclasses.replace(facts, participants=frozenset(
             a for a in facts.participants if not self.directory.is_internal(a)))
         return facts, parsed["source"].get("received_at") or datetime.now(UTC)
 
-    def history_for(self, batch: list[dict[str, Any]]) -> History:
+    def history_for(self, batch: list[dict[str, Any]],
+                    facts: list[TimedFacts] | None = None) -> History:
         """The history to route ``batch`` with: one that has asked every threading lookup
         of the batch at once, when the history can (one round trip per kind of lookup
-        instead of one or two per email), else the history itself."""
+        instead of one or two per email), else the history itself.  ``facts``: the
+        batch's :meth:`threading_facts`, when the caller has them."""
         if len(batch) < 2 or not isinstance(self.history, BatchHistory):
             return self.history
-        wanted = []
-        for parsed in batch:
-            facts, received_at = self._thread_facts(parsed)
-            wanted.append(lookups(facts, self.settings.threading, received_at))
+        wanted = [lookups(thread, self.settings.threading, received_at)
+                  for thread, received_at in facts or map(self.threading_facts, batch)]
         return self.history.prefetched(Lookups(
             email_ids=frozenset().union(*(w.email_ids for w in wanted)),
             message_ids=frozenset().union(*(w.message_ids for w in wanted)),
             thread_index_roots=frozenset().union(*(w.thread_index_roots for w in wanted)),
             subjects=frozenset().union(*(w.subjects for w in wanted))))
 
-    def decide(self, parsed: dict[str, Any], history: History | None = None) -> Decision:
-        """Route one email; ``history`` (default: the router's) answers the lookups."""
+    def decide(self, parsed: dict[str, Any], history: History | None = None,
+               facts: TimedFacts | None = None) -> Decision:
+        """Route one email; ``history`` (default: the router's) answers the lookups;
+        ``facts``: its :meth:`threading_facts`, when the caller has them."""
         history = history or self.history
         deliveries = route(parsed, self.directory, self.forwarding)
         email = parsed["email"]
@@ -138,8 +143,8 @@ class Router:
                 delivery.update(tracked=False, untracked_reason=CANARY)
             return Decision(email=email, deliveries=deliveries, correlation={}, records={},
                             canary=canary)
-        facts, received_at = self._thread_facts(parsed)
-        correlation = correlate(facts, history, self.settings.threading, received_at)
+        thread, received_at = facts or self.threading_facts(parsed)
+        correlation = correlate(thread, history, self.settings.threading, received_at)
         sender_known = self._sender_known(email, history)
         auto_reply = is_auto_reply(email)
         fired: list[tuple[dict[str, Any], RuleSettings]] = []
@@ -168,7 +173,7 @@ class Router:
         records = self._records(fired, correlation, email, notes, auto_reply)
         records["principals"] = self._principal_parties(email)
         return Decision(email={**email, "attachments": attachments}, deliveries=deliveries,
-                        correlation=correlation.document(facts), records=records)
+                        correlation=correlation.document(thread), records=records)
 
     def _principal_parties(self, email: dict[str, Any]) -> dict[str, str]:
         """The email's addresses that are users or queues (persist marks those parties)."""

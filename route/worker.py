@@ -17,7 +17,7 @@ from typing import Any
 from route.directory import Directory
 from route.forwarding import ForwardPolicy
 from route.history import History
-from route.router import Router
+from route.router import Router, TimedFacts
 from shared.metrics import Metrics
 from shared.schemas import Edge
 from shared.settings import Settings
@@ -45,14 +45,17 @@ class RouteStage:
         """The batch's threading lookups asked at once, then each email routed as alone.
         A document that cannot be routed fails the batch: the runtime then routes each
         document alone, so that only that one is dead-lettered."""
-        history = self.router.history_for(documents)
-        results = [self._route(document, history) for document in documents]
+        facts = [self.router.threading_facts(document) for document in documents]
+        history = self.router.history_for(documents, facts)
+        results = [self._route(document, history, thread)
+                   for document, thread in zip(documents, facts, strict=True)]
         for outputs in results:  # counted once the whole batch has succeeded
             self._count_untracked(outputs)
         return results
 
-    def _route(self, document: dict[str, Any], history: History) -> list[Output]:
-        decision = self.router.decide(document, history)
+    def _route(self, document: dict[str, Any], history: History,
+               facts: TimedFacts | None = None) -> list[Output]:
+        decision = self.router.decide(document, history, facts)
         routed = {
             "trace_id": document["trace_id"],
             "source": document["source"],

@@ -105,3 +105,22 @@ def test_a_single_email_is_routed_with_the_history_itself(db_engine: Engine) -> 
     run = Pipeline(db_engine, config())
     document = parsed(mail("s1@c"))
     assert run.stage.router.history_for([document]) is run.stage.router.history
+
+
+def test_a_batch_reads_each_emails_threading_facts_once(db_engine: Engine,
+                                                         monkeypatch: Any) -> None:
+    import route.router
+
+    run = Pipeline(db_engine, config())
+    read: list[str] = []
+    original = route.router.thread_facts
+
+    def counted(email: dict[str, Any], token: Any) -> Any:
+        read.append(email["message_id"])
+        return original(email, token)
+
+    monkeypatch.setattr(route.router, "thread_facts", counted)
+    batch = [parsed(mail(f"b{n}@c", subject=f"Order {n}")) for n in range(3)]
+    outputs = run.stage.handle_batch(batch)
+    assert len(outputs) == 3
+    assert sorted(read) == ["b0@c", "b1@c", "b2@c"]  # prefetch and routing share them
