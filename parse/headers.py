@@ -141,11 +141,18 @@ _PLAIN_ITEM = re.compile(rf"[ \t]*(?:([{_ATEXT}. \t]*?)[ \t]*<([{_ATEXT}.]+@[{_A
 _NOT_PLAIN = re.compile(r'["()\\;:\[\]\r\n]')
 
 
-def _scan_address_value(value: str) -> int | None:
-    """The number of ``@`` outside quotes and comments, or None when the value is ambiguous.
+def _scan_address_value(value: str) -> tuple[int, str] | None:
+    """The number of ``@`` outside quotes and comments, and the value as getaddresses is to
+    read it; None when the value is ambiguous.
 
     Ambiguous: unbalanced, or a comma-separated item with an ``@`` in front of its ``<...>``
     or with two of them (``ceo@example.com <eve@evil.test>``: is the sender ceo or eve?).
+
+    The value to read has the comments taken out of every ``Name <addr>`` item: RFC 5322
+    makes a comment part of neither the display name nor the address, but getaddresses folds
+    comments -- even those inside the angle brackets -- into the name (``Pete(A wonderful
+    \\) chap) <pete(his account)@silly.test>``).  A bare ``addr (Name)`` keeps its comment:
+    that is the old way of naming a mailbox, and getaddresses reads it as the name.
     """
     if '"' not in value and "(" not in value and "\\" not in value and ")" not in value:
         if value.count("<") != value.count(">"):
@@ -155,7 +162,7 @@ def _scan_address_value(value: str) -> int | None:
                 angle = item.find("<")
                 if angle >= 0 and ("@" in item[:angle] or item.count("<") > 1):
                     return None
-        return value.count("@")
+        return value.count("@"), value
     at_signs = 0
     item_at_signs = 0  # outside <...>, in the current comma-separated item
     item_angles = 0
@@ -163,7 +170,12 @@ def _scan_address_value(value: str) -> int | None:
     comment_depth = 0
     angle_depth = 0
     escaped = False
+    strip = "(" in value
+    items: list[str] = []  # with strip: the items read so far, as getaddresses is to read them
+    kept: list[str] = []  # the current item as written
+    stripped: list[str] = []  # the current item without its comments
     for char in value:
+        in_comment = comment_depth > 0
         if escaped:
             escaped = False
         elif char == "\\":
@@ -182,6 +194,9 @@ def _scan_address_value(value: str) -> int | None:
             in_quote = True
         elif char == "(":
             comment_depth = 1
+            in_comment = True
+            if strip and not angle_depth:
+                stripped.append(" ")  # a comment separates words like a blank
         elif char == ")":
             return None
         elif char == "<":
@@ -198,60 +213,21 @@ def _scan_address_value(value: str) -> int | None:
             if not angle_depth:
                 item_at_signs += 1
         elif char in ",;" and not angle_depth:
+            if strip:
+                items.append("".join(stripped if item_angles else kept) + char)
+                kept, stripped = [], []
             item_at_signs = item_angles = 0
+            continue
+        if strip:
+            kept.append(char)
+            if not in_comment:
+                stripped.append(char)
     if in_quote or comment_depth or angle_depth or escaped:
         return None
-    return at_signs
-
-
-def _without_name_comments(value: str) -> str:
-    """``value`` with the comments taken out of every ``Name <addr>`` item.
-
-    RFC 5322 makes a comment part of neither the display name nor the address, but
-    getaddresses folds comments -- even those inside the angle brackets -- into the name
-    (``Pete(A wonderful \\) chap) <pete(his account)@silly.test>``).  A bare
-    ``addr (Name)`` keeps its comment: that is the old way of naming a mailbox, and
-    getaddresses reads it as the name.  ``value`` is balanced (see _scan_address_value).
-    """
-    items: list[str] = []
-    kept: list[str] = []
-    stripped: list[str] = []
-    has_angle = in_quote = escaped = False
-    comment_depth = angle_depth = 0
-    for char in value:
-        in_comment = comment_depth > 0
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif in_quote:
-            if char == '"':
-                in_quote = False
-        elif comment_depth:
-            comment_depth += 1 if char == "(" else -1 if char == ")" else 0
-        elif char == '"':
-            in_quote = True
-        elif char == "(":
-            comment_depth = 1
-            in_comment = True
-            if not angle_depth:
-                stripped.append(" ")  # a comment separates words like a blank
-        elif char == "<":
-            angle_depth += 1
-            has_angle = True
-        elif char == ">":
-            angle_depth -= 1
-        elif char in ",;" and not angle_depth:
-            kept.append(char)
-            stripped.append(char)
-            items.append("".join(stripped if has_angle else kept))
-            kept, stripped, has_angle = [], [], False
-            continue
-        kept.append(char)
-        if not in_comment:
-            stripped.append(char)
-    items.append("".join(stripped if has_angle else kept))
-    return "".join(items)
+    if not strip:
+        return at_signs, value
+    items.append("".join(stripped if item_angles else kept))
+    return at_signs, "".join(items)
 
 
 def _clear_address(address: str) -> str | None:
@@ -298,15 +274,15 @@ def parse_addresses(name: str, values: list[str], defects: list[str]) -> list[di
         value = raw_text(unfold(raw_value))
         if not value:
             continue
-        at_signs = _scan_address_value(value)
-        if at_signs is None:
+        scanned = _scan_address_value(value)
+        if scanned is None:
             add_defect(defects, f"ambiguous-address:{name}")
             continue
+        at_signs, to_read = scanned
         pairs = _plain_addresses(value)
         if pairs is None:
             try:
-                pairs = getaddresses([_without_name_comments(value) if "(" in value
-                                      else value])
+                pairs = getaddresses([to_read])
             except Exception:  # RecursionError and friends on hostile values
                 add_defect(defects, f"ambiguous-address:{name}")
                 continue
