@@ -70,3 +70,18 @@ def test_an_attached_message_with_other_content_is_unexplained() -> None:
     assert differences(ours, theirs) == {"attachments": "message-still-base64"}
     ours["attachments"][0]["content"] += b"one more line\n"
     assert differences(ours, theirs) == {"attachments": None}
+
+
+def test_encoded_words_inside_an_rfc2231_filename_are_explained() -> None:
+    """No corpus message has them; some mailers write an RFC 2047 word in an RFC 2231
+    value, which the library gives back still encoded."""
+    raw = (b"From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+           b"Content-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/pdf\r\n"
+           b"Content-Disposition: attachment; "
+           b"filename*=utf-8''%3D%3Futf-8%3Fq%3Fr%3DC3%3DA9%3F%3D.pdf\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\nAAAA\r\n--b--\r\n")
+    ours, theirs = ours_direct(raw, LimitSettings()), stdlib_direct(raw, diagnose=True)
+    assert ours["attachments"][0]["declared_filename"] == "r\u00e9.pdf"
+    assert theirs["attachments"][0][0] == "=?utf-8?q?r=C3=A9?=.pdf"
+    assert differences(ours, theirs) == {"attachments": "filename-words-decoded"}
