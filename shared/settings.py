@@ -71,6 +71,10 @@ class BrokerSettings:
     url: str = "memory://"
     prefix: str = "mail"
     prefetch: int = 100
+    # A worker reads deliveries ahead of handling while they hold fewer body bytes than this
+    # (so at most this plus one delivery), and settles a batch this big before the next:
+    # a run of large messages is handled one at a time instead of a prefetch's worth at once.
+    read_ahead_bytes: int = 16 * 1024 * 1024
     confirm_timeout: float = 15.0
     heartbeat: int = 30
     delivery_limit: int = 5
@@ -581,6 +585,8 @@ def _validate(settings: Settings) -> None:
     if settings.retry.startup_wait < 0:
         raise ConfigError(f"retry.startup_wait: {settings.retry.startup_wait} must be 0 or "
                           "more (seconds; 0 fails at once)")
+    if settings.broker.prefetch < 1 or settings.broker.read_ahead_bytes < 1:
+        raise ConfigError("broker: prefetch and read_ahead_bytes must be at least 1")
     journal = settings.broker.journal
     if not re.fullmatch(r"[1-9][0-9]*[YMDhms]", journal.max_age):
         raise ConfigError(f"broker.journal.max_age: {journal.max_age!r} is not a number "
