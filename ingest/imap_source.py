@@ -8,11 +8,12 @@ XOAUTH2 token the server refuses is refreshed once).  :meth:`ImapSource.has_news
 check (``STATUS UIDNEXT UIDVALIDITY``) before the folder is selected; :meth:`idle_wait` waits
 in IDLE for new mail.  :meth:`ImapSource.batches` yields the messages whose UID is
 above ``after_uid`` (``UID SEARCH n:*`` always returns the last message, so UIDs at or below
-the cursor are dropped), ``batch_size`` at a time, each body paired with the UID its own FETCH
-response carries; a message expunged meanwhile is simply missing.  The next batch's FETCH is
-sent as a batch is handed over (IMAP pipelining), so the server sends it while the caller
-publishes; its answer is read before any other command is sent.  :meth:`after_confirm`
-applies keep / seen / move / delete to one batch.  UID commands only.
+the cursor are dropped), ``batch_size`` at a time and at most ``batch_bytes`` (the sizes of
+messages too large for a full batch are asked for first), each body paired with the UID its
+own FETCH response carries; a message expunged meanwhile is simply missing.  The next
+batch's FETCH is sent as a batch is handed over (IMAP pipelining), so the server sends it
+while the caller publishes; its answer is read before any other command is sent.
+:meth:`after_confirm` applies keep / seen / move / delete to one batch.  UID commands only.
 
 Fails with :class:`~ingest.errors.MailboxAuthError` when the login is refused and
 :class:`~ingest.errors.MailboxUnavailable` on network, TLS, timeout or protocol errors.
@@ -38,7 +39,7 @@ from imapclient.imapclient import join_message_ids
 from ingest.credentials import Credentials, Login
 from ingest.errors import MailboxAuthError, MailboxUnavailable
 from ingest.fetch_response import parse_fetch
-from ingest.source import Batch, FetchedMessage
+from ingest.source import Batch, FetchedMessage, byte_bounded
 from shared.logs import one_line
 from shared.secrets import reveal
 from shared.settings import MailboxSettings, ServerProfile
@@ -260,8 +261,8 @@ class ImapSource:
     def batches(self, after_uid: int) -> Iterator[Batch]:
         self._ensure_selected()
         uids = self.new_uids(after_uid)
-        size = max(1, self._mailbox.batch_size)
-        chunks = [uids[start:start + size] for start in range(0, len(uids), size)]
+        chunks = byte_bounded(uids, self._size_bounds(uids), max(1, self._mailbox.batch_size),
+                              self._mailbox.batch_bytes)
         for index, wanted in enumerate(chunks):
             messages = self._fetched(wanted)
             if index + 1 < len(chunks) and \
@@ -273,6 +274,46 @@ class ImapSource:
                 continue  # all expunged meanwhile
             yield Batch(messages=messages, uidvalidity=self._uidvalidity,
                         last_uid=max(int(m.uid) for m in messages))
+
+    def _size_bounds(self, uids: list[int]) -> list[int]:
+        """A bound on each message's size: its ``RFC822.SIZE`` if it is larger than a full
+        batch's share of ``batch_bytes``, else that share.  One ``SEARCH LARGER`` tells which
+        are (most polls find none); a single new message needs no bound."""
+        box = self._mailbox
+        share = max(1, box.batch_bytes // max(1, box.batch_size))
+        if len(uids) <= 1:
+            return [share] * len(uids)
+        client = self._require_client()
+        with self._translate("search"):
+            found = client.search(["UID", f"{uids[0]}:{uids[-1]}", "LARGER", share])
+        larger = sorted({int(uid) for uid in found} & set(uids))
+        if not larger:
+            return [share] * len(uids)
+        sizes = self._sizes(larger)
+        return [sizes.get(uid, share) for uid in uids]
+
+    def _sizes(self, uids: list[int]) -> dict[int, int]:
+        """``RFC822.SIZE`` of each of ``uids`` still in the folder."""
+        client = self._require_client()
+        sizes: dict[int, int] = {}
+        with self._translate("fetch"):
+            tag = client._imap._command("UID", "FETCH", uid_ranges(uids), "(RFC822.SIZE)")
+            for _sequence, items in parse_fetch(self._fetch_responses(tag)):
+                uid, size = items.get(b"UID"), items.get(b"RFC822.SIZE")
+                if isinstance(uid, bytes) and uid.isdigit() and isinstance(size, bytes) \
+                        and size.isdigit():
+                    sizes[int(uid)] = int(size)
+        return sizes
+
+    def _fetch_responses(self, tag: Any) -> Any:
+        """The untagged FETCH responses of the command ``tag``, once it completed."""
+        imap = self._require_client()._imap
+        typ, data = imap._command_complete("FETCH", tag)
+        if typ != "OK":
+            detail = data[0].decode(errors="replace") if data and isinstance(
+                data[0], bytes) else str(data)
+            raise IMAPClientError(f"fetch failed: {typ} {detail}")
+        return imap._untagged_response(typ, data, "FETCH")[1]
 
     def _send_fetch(self, uids: list[int]) -> Any:
         """Send ``UID FETCH`` for ``uids``; gives its tag, for :meth:`_read_fetch`."""
@@ -301,21 +342,13 @@ class ImapSource:
         return self._read_fetch(self._send_fetch(uids), uids)
 
     def _read_fetch(self, tag: Any, uids: list[int]) -> list[FetchedMessage]:
-        client = self._require_client()
         wanted = set(uids)
         found: dict[int, FetchedMessage] = {}
         dates: dict[Any, datetime] = {}  # messages delivered together share an INTERNALDATE
         with self._translate("fetch"):
             # imapclient's fetch() issues the same command; its general response parser cost
             # more CPU than the rest of ingest together, so the responses are read here.
-            imap = client._imap
-            typ, data = imap._command_complete("FETCH", tag)
-            if typ != "OK":
-                detail = data[0].decode(errors="replace") if data and isinstance(
-                    data[0], bytes) else str(data)
-                raise IMAPClientError(f"fetch failed: {typ} {detail}")
-            _, data = imap._untagged_response(typ, data, "FETCH")
-            for _sequence, items in parse_fetch(data):
+            for _sequence, items in parse_fetch(self._fetch_responses(tag)):
                 body = items.get(b"BODY[]")
                 if not isinstance(body, bytes):
                     continue  # an unsolicited FETCH (flags), or no body
@@ -402,6 +435,20 @@ class ImapSource:
             raise MailboxUnavailable(
                 f"mailbox {self._mailbox.name}: {step} on {self._profile.host}:"
                 f"{self._profile.port} failed: {kind}: {_text(exc)}") from exc
+
+
+def uid_ranges(uids: list[int]) -> str:
+    """An IMAP sequence set of ascending ``uids``, runs written as ranges: ``1:3,7,9:10``."""
+    parts: list[str] = []
+    start = previous = uids[0]
+    for uid in [*uids[1:], None]:
+        if uid is not None and uid == previous + 1:
+            previous = uid
+            continue
+        parts.append(str(start) if start == previous else f"{start}:{previous}")
+        if uid is not None:
+            start = previous = uid
+    return ",".join(parts)
 
 
 def quiet_imaplib(client: IMAPClient) -> None:

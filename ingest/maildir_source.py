@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ingest.errors import MailboxUnavailable
-from ingest.source import Batch, FetchedMessage
+from ingest.source import Batch, FetchedMessage, byte_bounded
 from shared.settings import MailboxSettings
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,10 @@ class MaildirSource:
     def batches(self, after_uid: int = 0) -> Iterator[Batch]:
         """Every message now in ``new/``, oldest first; ``after_uid`` has no meaning here."""
         entries = self._new_entries()
-        size = max(1, self._box.batch_size)
-        for start in range(0, len(entries), size):
+        for run in byte_bounded(entries, [size for _, _, _, size in entries],
+                                max(1, self._box.batch_size), self._box.batch_bytes):
             messages = []
-            for key, path, mtime in entries[start:start + size]:
+            for key, path, mtime, _ in run:
                 try:
                     raw = path.read_bytes()
                 except FileNotFoundError:
@@ -76,7 +76,7 @@ class MaildirSource:
             if messages:
                 yield Batch(messages=messages)
 
-    def _new_entries(self) -> list[tuple[str, Path, float]]:
+    def _new_entries(self) -> list[tuple[str, Path, float, int]]:
         colon = self._colon()
         entries = []
         try:
@@ -85,7 +85,8 @@ class MaildirSource:
                     if entry.name.startswith(".") or not entry.is_file():
                         continue
                     key = entry.name.split(colon)[0]
-                    entries.append((key, Path(entry.path), entry.stat().st_mtime))
+                    stat = entry.stat()
+                    entries.append((key, Path(entry.path), stat.st_mtime, stat.st_size))
         except OSError as exc:
             raise MailboxUnavailable(f"mailbox {self._box.name}: {exc}") from exc
         entries.sort(key=lambda item: (item[2], item[0]))

@@ -27,7 +27,7 @@ from typing import Any
 from ingest.credentials import Credentials, Login, xoauth2_string
 from ingest.errors import MailboxAuthError, MailboxUnavailable
 from ingest.imap_source import tls_context
-from ingest.source import Batch, FetchedMessage
+from ingest.source import Batch, FetchedMessage, byte_bounded
 from shared.logs import one_line
 from shared.secrets import reveal
 from shared.settings import MailboxSettings, ServerProfile
@@ -151,15 +151,29 @@ class Pop3Source:
             self.after_confirm(Batch(messages=[
                 FetchedMessage(uid=u, raw=b"", received_at=datetime.now(UTC)) for u in stale]))
         fresh = [(n, u) for n, u in listing if u not in self._seen]
-        size = max(1, self._box.batch_size)
-        for start in range(0, len(fresh), size):
+        for run in byte_bounded(fresh, self._sizes(fresh), max(1, self._box.batch_size),
+                                self._box.batch_bytes):
             messages = []
-            for number, uidl in fresh[start:start + size]:
+            for number, uidl in run:
                 with self._translate("retr"):
                     _, body_lines, _ = pop.retr(number)
                 raw = b"\r\n".join(body_lines) + b"\r\n"
                 messages.append(FetchedMessage(uid=uidl, raw=raw, received_at=_date_of(raw)))
             yield Batch(messages=messages)
+
+    def _sizes(self, fresh: list[tuple[int, str]]) -> list[int]:
+        """Each message's size from ``LIST`` (0 where the server gives none); a single message
+        needs none."""
+        if len(fresh) <= 1:
+            return [0] * len(fresh)
+        with self._translate("list"):
+            _, lines, _ = self._require().list()
+        sizes: dict[int, int] = {}
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+                sizes[int(fields[0])] = int(fields[1])
+        return [sizes.get(number, 0) for number, _ in fresh]
 
     def after_confirm(self, batch: Batch) -> None:
         if self._box.after != "delete":

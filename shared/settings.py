@@ -183,6 +183,10 @@ class MailboxSettings:
     # Seconds between polls; None takes the server profile's, else 60.
     interval: float | None = None
     batch_size: int = 200
+    # A batch also stops before it would hold more than this many bytes of mail (a single
+    # message bigger than that is a batch alone): a backlog of large messages is fetched and
+    # published a few at a time, not batch_size at once.
+    batch_bytes: int = 16 * 1024 * 1024
     # Forward mailboxes only.  ``address``: the mailbox's own address, never taken for a
     # forwarder.  ``authserv_id``: the Authentication-Results headers of this server id are
     # trusted (all others ignored); ``require_proof``: a forward needs an aligned DKIM/SPF or
@@ -636,8 +640,9 @@ def _validate(settings: Settings) -> None:
         if box.kind == "maildir" and box.after == "move":
             raise ConfigError(f"{where}.after: move is for IMAP folders; a Maildir takes "
                               "keep, seen or delete")
-        if (box.interval is not None and box.interval <= 0) or box.batch_size <= 0:
-            raise ConfigError(f"{where}: interval and batch_size must be positive")
+        if (box.interval is not None and box.interval <= 0) or box.batch_size <= 0 \
+                or box.batch_bytes <= 0:
+            raise ConfigError(f"{where}: interval, batch_size and batch_bytes must be positive")
         if box.after == "move" and not box.move_to:
             raise ConfigError(f"{where}.move_to: after=move needs a folder to move to")
         if box.require_proof and not box.authserv_id:
