@@ -2,13 +2,12 @@
 
 Takes nothing; gives :class:`FetchedMessage`, :class:`Batch` and the :class:`MailSource`
 protocol that ``imap_source``, ``pop3_source`` and ``maildir_source`` implement.
-:meth:`MailSource.has_news` is the cheap check before fetching (IMAP ``STATUS``); and
-:func:`byte_bounded`, which cuts what a source is to fetch into batches by count and bytes.  A
-source
+:meth:`MailSource.has_news` is the cheap check before fetching (IMAP ``STATUS``).  A source
 is opened as a context manager; :meth:`MailSource.batches` yields batches lazily (the next
 one is fetched only when asked for), and :meth:`MailSource.after_confirm` applies the mailbox's
 after-processing action (keep, seen, move, delete) to one batch.  The worker calls it only
-after the batch is confirmed by the broker and the cursor is saved.
+after the batch is confirmed by the broker and the cursor is saved.  :func:`byte_bounded` cuts
+what a source is to fetch into batches, by count and by bytes.
 """
 
 from __future__ import annotations
