@@ -274,6 +274,7 @@ class ImapSource:
                 continue  # all expunged meanwhile
             yield Batch(messages=messages, uidvalidity=self._uidvalidity,
                         last_uid=max(int(m.uid) for m in messages))
+            del messages  # not held while the next batch is fetched
 
     def _size_bounds(self, uids: list[int]) -> list[int]:
         """A bound on each message's size: its ``RFC822.SIZE`` if it is larger than a full

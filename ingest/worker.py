@@ -135,7 +135,8 @@ class IngestWorker:
         """One poll over an open source (also an IDLE session's); records nothing.
 
         Each batch is sent before the previous one is finished (confirmed, cursor saved,
-        acted on), so the broker stores one batch while the next is read and encoded."""
+        acted on), so the broker stores one batch while the next is read and encoded; a batch
+        of ``batch_bytes`` or more is finished before the next is fetched."""
         counter = confirmed if confirmed is not None else [0]
         cursor = self._state.cursor(box.name, box.folder)
         if cursor is not None and not source.has_news(cursor.uidvalidity, cursor.last_uid):
@@ -151,6 +152,12 @@ class IngestWorker:
                 if in_flight is not None:
                     self._finish(box, source, *in_flight, counter)
                 in_flight = (batch, sent)
+                if sum(len(m.raw) for m in batch.messages) >= box.batch_bytes:
+                    # Finished before the next is fetched, and let go: a backlog of large
+                    # messages is in memory one batch at a time.
+                    self._finish(box, source, batch, sent, counter)
+                    in_flight = None
+                    del batch, sent
                 if stop is not None and stop.is_set():
                     break
         except BaseException:

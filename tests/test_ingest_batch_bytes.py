@@ -2,15 +2,18 @@
 
 The cutting itself (:func:`ingest.source.byte_bounded`) and IMAP's sequence sets are pure and
 tested alone; then each source on a real folder holding messages of known sizes: IMAP and
-POP3 on the tests' own Dovecot, and a Maildir.  Before ``batch_bytes``, every source cut by
+POP3 on the tests' own Dovecot, and a Maildir; and that the worker finishes a batch that
+large, and lets go of it, before the next is fetched.  Before ``batch_bytes``, every source cut by
 count only, so a folder of 200 messages with 25 MB attachments was one 5 GB batch.
 """
 
 from __future__ import annotations
 
+import gc
 import mailbox
 import os
 import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +24,14 @@ import pytest
 from ingest.imap_source import ImapSource, uid_ranges
 from ingest.maildir_source import MaildirSource
 from ingest.pop3_source import Pop3Source
-from ingest.source import MailSource, byte_bounded
+from ingest.source import FetchedMessage, MailSource, byte_bounded
+from ingest.worker import IngestWorker
+from persist.database import create_engine_for, upgrade
+from persist.mailbox_state import MailboxStateStore
+from shared.metrics import Metrics
 from shared.secrets import Secret
-from shared.settings import MailboxSettings
+from shared.settings import BrokerSettings, MailboxSettings, Settings
+from shared.transport import Broker
 from tests.dovecot import DovecotServer, dovecot_fixture
 
 dovecot = dovecot_fixture(scope="module")
@@ -151,3 +159,40 @@ def test_maildir_batches_stop_at_batch_bytes(tmp_path: Path) -> None:
     batches = numbers(source)
     assert_bounded(batches)
     assert batches == expected_batches()
+
+
+def test_a_large_batch_is_finished_and_let_go_before_the_next_is_fetched(
+        dovecot: DovecotServer, user: str, tmp_path: Path) -> None:
+    limit = 40 * KB  # three batches of this folder reach it: messages 2, 7 and 9 alone
+    settings_box = box(server="dovecot", username=user, password=Secret(dovecot.password(user)),
+                       batch_bytes=limit)
+    broker = Broker(BrokerSettings(url="memory://", prefix=f"t{uuid.uuid4().hex[:12]}"))
+    broker.declare()
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'state.db'}")
+    upgrade(engine)
+    publisher = broker.publisher()
+    settings = Settings(broker=broker.settings, servers=(dovecot.server_profile("dovecot"),),
+                        mailboxes=(settings_box,))
+    worker = IngestWorker(settings, publisher, MailboxStateStore(engine), Metrics())
+    source = ImapSource(settings_box, dovecot.server_profile("dovecot"))
+    fetch = source._fetched
+    large: list[weakref.ref[FetchedMessage]] = []
+    alive_at_fetch: list[int] = []
+
+    def watched_fetch(uids: list[int]) -> list[FetchedMessage]:
+        gc.collect()
+        alive_at_fetch.append(sum(ref() is not None for ref in large))
+        messages = fetch(uids)
+        if sum(len(m.raw) for m in messages) >= limit:
+            large.extend(weakref.ref(m) for m in messages)
+        return messages
+
+    source._fetched = watched_fetch  # type: ignore[method-assign]
+    try:
+        with source:
+            assert worker.poll_source(settings_box, source) == len(SIZES_KB)
+    finally:
+        publisher.close()
+        engine.dispose()
+    assert len(large) == 3
+    assert alive_at_fetch == [0] * len(alive_at_fetch), alive_at_fetch
