@@ -154,9 +154,10 @@ class IngestWorker:
                 in_flight = (batch, sent)
                 if sum(len(m.raw) for m in batch.messages) >= box.batch_bytes:
                     # Finished before the next is fetched, and let go: a backlog of large
-                    # messages is in memory one batch at a time.
-                    self._finish(box, source, batch, sent, counter)
+                    # messages is in memory one batch at a time.  (If finishing fails, that
+                    # failure is raised, not retried by the handler below.)
                     in_flight = None
+                    self._finish(box, source, batch, sent, counter)
                     del batch, sent
                 if stop is not None and stop.is_set():
                     break
