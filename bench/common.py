@@ -327,17 +327,20 @@ def machine_cpu_times(stat: str | None = None) -> CpuTimes | None:
 
 def busy_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
     """The share of the machine's CPU time that was busy between two readings."""
-    if before is None or after is None or after.total <= before.total:
-        return None
-    return (after.busy - before.busy) / (after.total - before.total)
+    return _share_of_ticks(before, after, "busy")
 
 
 def steal_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
     """The share of the machine's CPU time the hypervisor took between two readings: on a
     shared host, work measured then ran on less than the machine's cores."""
+    return _share_of_ticks(before, after, "steal")
+
+
+def _share_of_ticks(before: CpuTimes | None, after: CpuTimes | None,
+                    part: str) -> float | None:
     if before is None or after is None or after.total <= before.total:
         return None
-    return (after.steal - before.steal) / (after.total - before.total)
+    return (getattr(after, part) - getattr(before, part)) / (after.total - before.total)
 
 
 class CpuMeter:

@@ -425,11 +425,10 @@ class StageRunner:
                         self._observe_end_to_end(document)
                 documents = []
         for i, document in documents:
-            results[i] = self._handle_one(document)
-        for i, document in documents:
-            result = results[i]
+            result = self._handle_one(document)
             if batch[i].body is None and isinstance(result, Dead):
-                result.document = document
+                result.document = document  # its body was let go: the dead letter is this
+            results[i] = result
         return [r if r is not None else Dead("internal", "no result") for r in results]
 
     def _let_go_of_large_body(self, message: Message) -> None:
@@ -437,7 +436,7 @@ class StageRunner:
         a dead letter is then encoded from the document (the same content, not the same
         bytes).  The body would otherwise stay in memory beside the document through the
         whole handling: 45 MB for a mail with a 25 MB attachment, a third of parse's peak."""
-        if len(message.body or b"") >= self.settings.broker.read_ahead_bytes:
+        if body_bytes([message]) >= self.settings.broker.read_ahead_bytes:
             message.body = None
 
     def _try_whole_batch(self, documents: list[dict[str, Any]]) -> list[list[Output]] | None:

@@ -126,8 +126,7 @@ def test_imap_batches_stop_at_batch_bytes(dovecot: DovecotServer, user: str) -> 
     # IMAP learns the sizes of the messages over a batch's share of the bytes only; each of
     # the others counts as that share.
     share = BATCH_BYTES // BATCH_SIZE
-    assert batches == expected_batches([size if size > share else share
-                                        for size in real_sizes()])
+    assert batches == expected_batches([max(size, share) for size in real_sizes()])
 
 
 def test_imap_batches_of_small_messages_are_cut_by_count_alone(
