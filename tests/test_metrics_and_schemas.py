@@ -101,6 +101,25 @@ def test_a_document_that_does_not_match_its_schema_is_a_permanent_error(
     assert fragment in error.value.detail
 
 
+@pytest.mark.parametrize("text", [
+    "QUJD\nREVG",  # a line break (MIME's base64, not the documents')
+    "QUJD REVG",  # a blank
+    "QUJDREVG=",  # padding to spare after a whole group
+    "QUJDRA=",  # padding short of a whole group
+    "QUJDRA",  # no padding
+    "QUJD\u00e9",  # not ASCII
+])
+def test_raw_text_that_is_not_canonical_base64_is_refused(text: str) -> None:
+    codec = Codec()
+    document = json.loads(codec.encode("raw", documents.raw()))
+    document["raw"] = text
+    with pytest.raises(PermanentError, match="not valid base64") as error:
+        codec.decode("raw", json.dumps(document).encode())
+    assert error.value.reason == "bad-document"
+    document["raw"] = "QUJDREVG"
+    assert codec.decode("raw", json.dumps(document).encode())["raw"] == b"ABCDEF"
+
+
 def test_routed_document_needs_a_delivery() -> None:
     codec = Codec()
     routed = {**documents.parsed(), "deliveries": []}
