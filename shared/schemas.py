@@ -310,9 +310,10 @@ class _SplicedBase64(str):
     view: memoryview
 
 
-# A raw message's or an attachment's base64 string, big enough to be worth leaving in place.
-_BIG_BASE64_MEMBER = re.compile(
-    rb'"(?:raw|content)"[ \t\n\r]*:[ \t\n\r]*"([A-Za-z0-9+/]{%d,}={0,2})"' % _SPLICE_MIN_BYTES)
+# Where a raw message's or an attachment's JSON string starts: the match ends at its opening
+# quote.  Its end is found with find(), not with a repeat in the pattern: the regex engine
+# read base64 at 0.45 GB/s, 20 times slower than pybase64 decodes it.
+_BIG_MEMBER_START = re.compile(rb'"(?:raw|content)"[ \t\n\r]*:[ \t\n\r]*"')
 
 
 def _read_json(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any]) -> Any:
@@ -323,14 +324,16 @@ def _read_json(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any
 
 
 def _loads(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any]) -> Any:
-    """``loads(body)``, leaving big ``raw``/``content`` base64 strings in ``body``.
+    """``loads(body)``, leaving big ``raw``/``content`` strings in ``body``.
 
     json.loads would decode the whole body into one str and copy each string out of it.
-    The big base64 members are cut out first (placeholders in their stead), the small rest is
-    parsed, and the members where the schema expects bytes become :class:`_SplicedBase64`;
-    a placeholder found anywhere else gets its text back.  A member's opening quote preceded
-    by an odd number of backslashes is inside another string and is left alone; any other
-    match is a real member, or the document was not valid JSON either way.
+    The big members are cut out first (placeholders in their stead), the small rest is
+    parsed, and the members where the schema expects bytes become :class:`_SplicedBase64`,
+    whose base64 the schema checks as it decodes it; a placeholder found anywhere else gets
+    its text back, read as JSON.  Only a string without a backslash is cut out: with no
+    escape in it, its first quote is its end and its bytes are its text.  A member's opening
+    quote preceded by an odd number of backslashes is inside another string and is left
+    alone; any other match is a real member, or the document was not valid JSON either way.
     """
     if not isinstance(body, bytes) or len(body) < _SPLICE_MIN_BYTES:
         return loads(body)
@@ -339,13 +342,19 @@ def _loads(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any]) -
     pieces: list[bytes] = []
     position = 0
     view = memoryview(body)
-    for match in _BIG_BASE64_MEMBER.finditer(body):
-        if _escaped(body, match.start()):
+    match = _BIG_MEMBER_START.search(body)
+    while match is not None:
+        start = match.end()
+        end = body.find(b'"', start)
+        if (_escaped(body, match.start()) or end - start < _SPLICE_MIN_BYTES
+                or body.find(b"\\", start, end) >= 0):
+            match = _BIG_MEMBER_START.search(body, start)
             continue
         placeholder = f"mailroute-base64:{token}:{len(spliced)}"
-        spliced[placeholder] = view[match.start(1):match.end(1)]
-        pieces += (body[position:match.start(1)], placeholder.encode("ascii"))
-        position = match.end(1)
+        spliced[placeholder] = view[start:end]
+        pieces += (body[position:start], placeholder.encode("ascii"))
+        position = end
+        match = _BIG_MEMBER_START.search(body, end + 1)
     if not spliced:
         return loads(body)
     pieces.append(body[position:])
@@ -358,7 +367,7 @@ def _loads(edge: Edge, body: bytes | str, loads: Callable[[bytes | str], Any]) -
         for item in attachments if isinstance(attachments, list) else []:
             _take_spliced(item, "content", spliced)
     if spliced:
-        _restore_text(data, spliced)
+        _restore_text(data, spliced, loads)
     return data
 
 
@@ -378,7 +387,8 @@ def _take_spliced(holder: Any, key: str, spliced: dict[str, memoryview]) -> None
         holder[key] = kept
 
 
-def _restore_text(data: Any, spliced: dict[str, memoryview]) -> None:
+def _restore_text(data: Any, spliced: dict[str, memoryview],
+                  loads: Callable[[bytes | str], Any]) -> None:
     """Put the text back for each placeholder left in ``data`` (not where bytes go)."""
     stack = [data]
     while stack and spliced:
@@ -387,6 +397,6 @@ def _restore_text(data: Any, spliced: dict[str, memoryview]) -> None:
             if isinstance(item, list) else ()
         for slot, value in list(slots):
             if isinstance(value, str) and value in spliced:
-                item[slot] = str(spliced.pop(value), "ascii")
+                item[slot] = loads(b'"' + spliced.pop(value).tobytes() + b'"')
             elif isinstance(value, dict | list):
                 stack.append(value)

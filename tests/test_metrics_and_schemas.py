@@ -187,9 +187,37 @@ def test_big_base64_text_outside_the_byte_fields_is_read_as_text() -> None:
     assert decoded["email"]["attachments"][0]["content"] == b"\x03" * BIG
 
 
+def test_big_text_of_any_kind_outside_the_byte_fields_is_read_as_json_reads_it() -> None:
+    codec = Codec()
+    text = "\u00e9t\u00e9 \U0001f600 caf\u00e9 " * (BIG // 10)  # no escapes: cut out, read back
+    escaped = 'tab\there, quote " there ' * (BIG // 20)  # escapes: left to the JSON reader
+    document = {**documents.parsed(), "deliveries": [
+        {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
+         "mailbox": "alice", "method": "direct"}],
+        "records": {"content": text, "other": {"content": escaped}}}
+    document["email"]["attachments"] = [_attachment(b"\x05" * BIG)]
+    encoded = codec.encode("routed", document)
+    assert text.encode("utf-8") in encoded  # orjson writes it unescaped
+    decoded = codec.decode("routed", encoded)
+    assert decoded["records"] == {"content": text, "other": {"content": escaped}}
+    assert decoded["email"]["attachments"][0]["content"] == b"\x05" * BIG
+
+
+def test_a_big_member_written_with_escaped_slashes_is_read() -> None:
+    """JSON may escape "/" (PHP's json_encode does): such a member stays with the reader."""
+    codec = Codec()
+    content = bytes(range(256)) * (BIG // 256 + 1)
+    encoded = codec.encode("raw", documents.raw(content))
+    assert b"/" in encoded
+    assert codec.decode("raw", encoded.replace(b"/", b"\\/"))["raw"] == content
+
+
 @pytest.mark.parametrize("damage", [
     lambda text: text.rstrip("=")[:-1],  # a length base64 cannot have
     lambda text: "=" + text[1:],  # padding first
+    lambda text: text[:1000] + " " + text[1000:],  # a blank inside
+    lambda text: text[:1000] + "\u00e9" + text[1000:],  # not ASCII
+    lambda text: text[:1000] + "\n" + text[1000:],  # a line break (written escaped)
 ])
 def test_a_big_invalid_base64_member_is_a_permanent_error(damage: object) -> None:
     codec = Codec()
