@@ -8,6 +8,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared import fastjson
 from shared.errors import PermanentError
@@ -194,12 +196,13 @@ def test_big_text_of_any_kind_outside_the_byte_fields_is_read_as_json_reads_it()
     document = {**documents.parsed(), "deliveries": [
         {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
          "mailbox": "alice", "method": "direct"}],
-        "records": {"content": text, "other": {"content": escaped}}}
+        "records": {"content": text, "other": {"content": escaped},
+                    "late": {"content": text + 'an escaped " after the first 64 KB'}}}
     document["email"]["attachments"] = [_attachment(b"\x05" * BIG)]
     encoded = codec.encode("routed", document)
     assert text.encode("utf-8") in encoded  # orjson writes it unescaped
     decoded = codec.decode("routed", encoded)
-    assert decoded["records"] == {"content": text, "other": {"content": escaped}}
+    assert decoded["records"] == document["records"]
     assert decoded["email"]["attachments"][0]["content"] == b"\x05" * BIG
 
 
@@ -227,3 +230,38 @@ def test_a_big_invalid_base64_member_is_a_permanent_error(damage: object) -> Non
         codec.decode("raw", json.dumps(document).encode())
     assert error.value.reason == "bad-document"
     assert "raw" in error.value.detail
+
+
+# written as they are (a big string of these alone is cut out of the JSON and read back) ...
+_PLAIN_PIECES = ["QUJD", "\u00e9", "\U0001f600", "=", "/", "x" * 100, " "]
+# ... and written escaped, or looking like a member inside a string
+_ESCAPED_PIECES = ['"raw":"', '"content": "', "\\", '"', "\n"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.lists(st.sampled_from(_PLAIN_PIECES), min_size=1, max_size=8),
+                 st.lists(st.sampled_from(_PLAIN_PIECES + _ESCAPED_PIECES), min_size=1,
+                          max_size=8)),
+       st.integers(1, 2000),
+       st.sampled_from(["content", "raw", "note"]), st.integers(0, 3),
+       st.sampled_from([0, 100, BIG - 1, BIG, BIG + 1]))
+def test_documents_with_big_strings_of_any_kind_round_trip(
+        pieces: list[str], repeat: int, key: str, nesting: int, size: int) -> None:
+    """Whatever big text sits beside big byte fields (quotes, escapes, member-like text),
+    decoding gives back what was encoded."""
+    codec = Codec()
+    text = "".join(pieces) * repeat
+    value: object = text
+    for _ in range(nesting):
+        value = {key: value}
+    document = {**documents.parsed(), "deliveries": [
+        {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
+         "mailbox": "alice", "method": "direct"}], "records": {key: value}}
+    document["email"]["text"] = text
+    document["email"]["attachments"] = [_attachment(bytes(range(256)) * (size // 256) + b"\x07"
+                                                    * (size % 256))]
+    decoded = codec.decode("routed", codec.encode("routed", document))
+    assert decoded["records"] == {key: value}
+    assert decoded["email"]["text"] == text
+    assert decoded["email"]["attachments"][0]["content"] == \
+        document["email"]["attachments"][0]["content"]
