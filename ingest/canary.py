@@ -6,8 +6,10 @@ with ``forward``), a :class:`~persist.canaries.CanaryStore` and the process's
 
 - :meth:`~CanaryService.send_due` (each round) and :meth:`~CanaryService.send_now` (the CLI)
   record a canary per principal *before* it leaves, then hand it to the users' mail server
-  (``smtp://``, ``smtps://`` or ``lmtp://`` at ``delivery_url``) addressed to the user, so the
-  user's server-side rule sees it like any incoming mail.  The schedule is in the database:
+  (``smtp://``, ``smtps://`` or ``lmtp://`` at ``delivery_url``; SMTP over TLS whenever the
+  server offers it, its certificate checked, and logged in with ``username``/``password``
+  only over TLS: :class:`Handover`) addressed to the user, so the user's server-side rule sees
+  it like any incoming mail.  The schedule is in the database:
   of several ``worker ingest`` processes only one sends each principal's canary per interval.
 - :meth:`~CanaryService.check` turns canaries past their deadline into ``missing``, raising the
   user's alert: an ERROR log line starting ``ALERT``, ``mailroute_mailbox_alerts_total
@@ -34,6 +36,7 @@ import dataclasses
 import logging
 import secrets
 import smtplib
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +49,8 @@ from urllib.parse import urlsplit
 from persist.canaries import Canary, CanaryStore, CanaryTarget, PrincipalCanaries, PrincipalKey
 from route.canary import CANARY_HEADER
 from shared.metrics import Metrics
-from shared.settings import ConfigError, Settings
+from shared.secrets import Secret
+from shared.settings import CanarySettings, ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +97,16 @@ def build_canary(canary: Canary, sender: str) -> bytes:
 
 class Handover:
     """Hands messages to the users' mail server over SMTP, SMTPS or LMTP: one connection per
-    round, one transaction per canary (so one refused recipient fails only its canary)."""
+    round, one transaction per canary (so one refused recipient fails only its canary).
 
-    def __init__(self, url: str, timeout: float = SEND_TIMEOUT_S) -> None:
+    SMTP uses TLS whenever the server offers it (STARTTLS) and SMTPS always; the server's
+    certificate is checked (``ca_file``, else the system's CAs), and a check that fails fails
+    the round, never falls back to plain text.  With ``username`` it logs in, only over TLS.
+    """
+
+    def __init__(self, url: str, timeout: float = SEND_TIMEOUT_S, *,
+                 ca_file: str | None = None, username: str | None = None,
+                 password: Secret | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
             raise ConfigError(f"canaries.delivery_url: {url!r} is not smtp://, smtps:// or "
@@ -104,19 +115,46 @@ class Handover:
         self.host = parts.hostname
         self.port = parts.port or DEFAULT_PORTS[parts.scheme]
         self.timeout = timeout
+        self.ca_file = ca_file
+        self.login = (username, password) if username is not None and password else None
+
+    @classmethod
+    def from_settings(cls, canaries: CanarySettings) -> Handover:
+        if not canaries.delivery_url:
+            raise ConfigError("canaries.delivery_url: not set; canaries need the users' "
+                              "mail server (smtp://, smtps:// or lmtp://host:port)")
+        return cls(canaries.delivery_url, ca_file=canaries.ca_file,
+                   username=canaries.username, password=canaries.password)
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def _connect(self) -> smtplib.SMTP:
-        if self.scheme == "smtps":
-            return smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout)
         if self.scheme == "lmtp":
-            client = smtplib.LMTP(self.host, self.port)
-            if client.sock is not None:
-                client.sock.settimeout(self.timeout)
-            return client
-        return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            lmtp = smtplib.LMTP(self.host, self.port)
+            if lmtp.sock is not None:
+                lmtp.sock.settimeout(self.timeout)
+            return lmtp
+        context = ssl.create_default_context(cafile=self.ca_file)
+        client = (smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=context)
+                  if self.scheme == "smtps" else
+                  smtplib.SMTP(self.host, self.port, timeout=self.timeout))
+        try:
+            client.ehlo_or_helo_if_needed()
+            if self.scheme == "smtp" and client.has_extn("starttls"):
+                client.starttls(context=context)
+                client.ehlo()
+            if self.login is not None:
+                if not isinstance(client.sock, ssl.SSLSocket):
+                    raise smtplib.SMTPNotSupportedError(
+                        "the server offers no STARTTLS, and the login is never sent in "
+                        "plain text")
+                username, password = self.login
+                client.login(username, password.reveal())
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     def send(self, sender: str, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
         """Each (recipient, message) handed over: None, or why it was not."""
@@ -124,6 +162,8 @@ class Handover:
             return []
         try:
             client = self._connect()
+        except smtplib.SMTPAuthenticationError as exc:
+            return [f"{self} refused the login: {_describe(exc)}"] * len(messages)
         except (OSError, smtplib.SMTPException) as exc:
             return [f"cannot reach {self}: {_describe(exc)}"] * len(messages)
         results: list[str | None] = []
@@ -191,10 +231,7 @@ class CanaryService:
 
     def _sender(self) -> Handover:
         if self._handover is None:
-            if not self._settings.delivery_url:
-                raise ConfigError("canaries.delivery_url: not set; canaries need the users' "
-                                  "mail server (smtp://, smtps:// or lmtp://host:port)")
-            self._handover = Handover(self._settings.delivery_url)
+            self._handover = Handover.from_settings(self._settings)
         return self._handover
 
     # ---- sending ------------------------------------------------------------------------

@@ -275,8 +275,15 @@ class CanarySettings:
     deadline: float = 900.0
     # Where canaries are handed over: smtp://host:port, smtps://host:port or lmtp://host:port
     # (the users' mail server, so that their rules see the canary like any incoming mail).
+    # smtp:// switches to TLS when the server offers STARTTLS; smtps:// is TLS from the start;
+    # either checks the server's certificate (against ``ca_file`` if set, else the system's
+    # CAs).  LMTP, a local delivery protocol, stays plain.
     delivery_url: str | None = None
     sender: str = "mailroute-canary@localhost"
+    ca_file: str | None = None
+    # Log in (SMTP AUTH) before sending; only ever over TLS.
+    username: str | None = None
+    password: Secret | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -552,6 +559,8 @@ def _decrypt_secrets(settings: Settings) -> Settings:
         encrypted.append(settings.web.admin_token)
     encrypted += [u.rule.password for u in settings.users
                   if u.rule and u.rule.password and u.rule.password.is_encrypted]
+    if settings.canaries.password and settings.canaries.password.is_encrypted:
+        encrypted.append(settings.canaries.password)
     if not encrypted:
         return settings
     try:
@@ -581,8 +590,11 @@ def _decrypt_secrets(settings: Settings) -> Settings:
         for u in settings.users)
     web = dataclasses.replace(settings.web, admin_token=opened(settings.web.admin_token,
                                                                "web.admin_token"))
+    canaries = dataclasses.replace(settings.canaries, password=opened(
+        settings.canaries.password, "canaries.password"))
     return dataclasses.replace(settings, mailboxes=boxes, servers=servers,
-                               rule_servers=rule_servers, users=users, web=web)
+                               rule_servers=rule_servers, users=users, web=web,
+                               canaries=canaries)
 
 
 def _validate(settings: Settings) -> None:
@@ -746,6 +758,11 @@ def _validate_forwarding_rules(settings: Settings) -> None:
                               "smtps://host:port or lmtp://host:port")
         if "@" not in canaries.sender:
             raise ConfigError(f"canaries.sender: {canaries.sender!r} is not an email address")
+    if (canaries.username is None) != (canaries.password is None):
+        raise ConfigError("canaries: username and password go together (SMTP AUTH)")
+    if canaries.username is not None and (canaries.delivery_url or "").startswith("lmtp:"):
+        raise ConfigError("canaries.username: LMTP has no login; use smtp:// or smtps:// "
+                          "to log in")
 
 
 def _validate_records(settings: Settings) -> None:
