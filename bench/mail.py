@@ -85,6 +85,21 @@ def plain_mail(rng: random.Random, message_id: str, size: int = 4096) -> bytes:
     return raw
 
 
+def attachment_mail(rng: random.Random, message_id: str,
+                    sizes: tuple[int, ...] = (1_000_000, 200_000)) -> bytes:
+    """A short text body and one attachment of each size (a PDF, then images; random bytes,
+    so base64 as every mail client writes it: 76-character lines)."""
+    sent = datetime(2026, 11, 2, 9, 0, tzinfo=UTC) + timedelta(seconds=rng.randint(0, 86400))
+    msg = EmailMessage()
+    _headers(msg, rng, message_id, sent)
+    msg.set_content(_paragraphs(rng, 800))
+    for number, size in enumerate(sizes):
+        kind, extension = ("application", "pdf") if number == 0 else ("image", "png")
+        msg.add_attachment(rng.randbytes(size), maintype=kind, subtype=extension,
+                           filename=f"file-{number}.{extension}")
+    return msg.as_bytes(policy=SMTP)
+
+
 def html_mail(rng: random.Random, message_id: str, size: int = 20_000) -> bytes:
     """multipart/alternative: a text body and the same text as HTML, about ``size`` bytes."""
     sent = datetime(2026, 11, 2, 9, 0, tzinfo=UTC) + timedelta(seconds=rng.randint(0, 86400))

@@ -1,13 +1,14 @@
 """The parse benchmark: ``parse.extract.parse_raw`` against the standard library's ``email``.
 
-Takes :class:`ParseSettings`; gives :class:`~bench.common.Figure` objects.  Three inputs, each
+Takes :class:`ParseSettings`; gives :class:`~bench.common.Figure` objects.  Four inputs, each
 parsed by both sides from the same bytes, in interleaved rounds (median round reported):
 
 - every message of ``../shared/corpus`` (the files ``tests/test_parse_corpus.py`` selects),
   as a direct mailbox's mail;
 - forward envelopes of about 20 KB (a note plus ``message/rfc822`` wrapping a text + HTML
   message, built as ``tests/mailgen.py`` builds them), as a forward mailbox's mail;
-- the pipeline benchmark's 4 KB plain mail.
+- the pipeline benchmark's 4 KB plain mail;
+- mail with a 1 MB and a 200 KB attachment (about 1.6 MB, mostly base64).
 
 The reference ("ceiling" in the report; the ratio is then the speed-up) is
 ``email.message_from_bytes(raw, policy=policy.default)`` extracting the same fields: subject,
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchError, Figure, median, progress
-from bench.mail import forward_envelope, html_mail, plain_mail
+from bench.mail import attachment_mail, forward_envelope, html_mail, plain_mail
 from parse.extract import parse_raw
 from parse.headers import decode_words
 from parse.mime import TNEF_TYPES, ends_lines_with_crlf
@@ -59,6 +60,7 @@ class ParseSettings:
     rounds: int = 5
     seconds_per_round: float = 1.0  # per side, for the synthetic inputs
     envelopes: int = 50
+    attachment_mails: int = 10
     seed: int = 8
 
 
@@ -471,6 +473,8 @@ def run(settings: ParseSettings) -> tuple[list[Figure], dict[str, Any]]:
     envelopes = [forward_envelope(rng, html_mail(rng, f"<html.{n}@example.net>"),
                                   "bob@corp.example.com") for n in range(settings.envelopes)]
     plain = [plain_mail(rng, f"<plain.{n}@example.net>") for n in range(settings.envelopes)]
+    attached = [attachment_mail(rng, f"<attached.{n}@example.net>")
+                for n in range(settings.attachment_mails)]
     progress(f"parse: {len(corpus)} corpus messages ({sum(map(len, corpus)) / len(corpus):,.0f}"
              f" B average), {len(envelopes)} envelopes "
              f"({sum(map(len, envelopes)) / len(envelopes):,.0f} B average)")
@@ -478,6 +482,8 @@ def run(settings: ParseSettings) -> tuple[list[Figure], dict[str, Any]]:
     corpus_check = compare_corpus(names, corpus, limits)
     envelope_check = compare_envelopes(envelopes, limits)
     plain_check = compare_corpus([f"plain {n}" for n in range(len(plain))], plain, limits)
+    attached_check = compare_corpus([f"attached {n}" for n in range(len(attached))], attached,
+                                    limits)
 
     env_ours, env_std, env_runs = rates(lambda r: ours_forward(r, limits), stdlib_forward,
                                         envelopes, settings.rounds,
@@ -488,8 +494,11 @@ def run(settings: ParseSettings) -> tuple[list[Figure], dict[str, Any]]:
     plain_ours, plain_std, plain_runs = rates(lambda r: ours_direct(r, limits), stdlib_direct,
                                               plain, settings.rounds,
                                               settings.seconds_per_round, "plain 4 KB")
+    attached_ours, attached_std, attached_runs = rates(
+        lambda r: ours_direct(r, limits), stdlib_direct, attached, settings.rounds,
+        settings.seconds_per_round, "with attachments")
     _report_equality({"corpus": corpus_check, "envelopes": envelope_check,
-                      "plain 4 KB": plain_check})
+                      "plain 4 KB": plain_check, "with attachments": attached_check})
     env_ratio = env_ours / env_std
     figures = [
         Figure("parse forward envelope (~20 KB)", env_ours, "msg/s", env_std, reference="stdlib",
@@ -502,12 +511,17 @@ def run(settings: ParseSettings) -> tuple[list[Figure], dict[str, Any]]:
                        "average_bytes": sum(map(len, corpus)) / len(corpus)}),
         Figure("parse plain mail (4 KB)", plain_ours, "msg/s", plain_std, reference="stdlib",
                detail={"runs": plain_runs, "equality": plain_check.as_json()}),
+        Figure("parse mail with 1 MB + 200 KB attachments", attached_ours, "msg/s",
+               attached_std, reference="stdlib",
+               detail={"runs": attached_runs, "equality": attached_check.as_json(),
+                       "average_bytes": sum(map(len, attached)) / len(attached)}),
         Figure("corpus fields identical to stdlib", corpus_check.identical, "msgs",
                float(corpus_check.compared), reference="of", target="all compared",
                meets_target=corpus_check.identical == corpus_check.compared,
                detail=corpus_check.as_json()),
     ]
-    unexplained = [line for check in (corpus_check, envelope_check, plain_check)
+    unexplained = [line for check in (corpus_check, envelope_check, plain_check,
+                                      attached_check)
                    for line in check.unexplained]
     if unexplained:
         raise BenchError(f"parse: {len(unexplained)} messages differ from the standard "
