@@ -55,6 +55,12 @@ def big_message(megabytes: int, number: int = 0) -> bytes:
         b"<hostile@example.org>", f"<big-attachment-{number}@example.org>".encode())
 
 
+def _growth(pids: dict[str, int], steady: dict[str, float]) -> dict[str, float]:
+    """Each worker's peak resident set (``VmHWM``) above its steady state, in MB."""
+    return {stage: max(0.0, status_kb(pid, "VmHWM") / 1024 - steady[stage])
+            for stage, pid in pids.items()}
+
+
 def run(settings: MemorySettings) -> list[Figure]:
     dovecot = DovecotServer(tls=False)
     with tempfile.TemporaryDirectory(prefix="mailroute-memory-") as work, \
@@ -78,8 +84,7 @@ def run(settings: MemorySettings) -> list[Figure]:
                      pipeline.persisted() >= settings.messages + 1,
                      "the big message to be stored", timeout=1800,
                      on_timeout=pipeline.workers.logs)
-            growth = {stage: max(0.0, status_kb(pid, "VmHWM") / 1024 - steady[stage])
-                      for stage, pid in pids.items()}
+            growth = _growth(pids, steady)
             progress(f"memory: growth {growth}; now {settings.run_of} more at once")
             # Delivered while ingest is stopped: a backlog, which it finds in one poll, and
             # which reaches the other stages at once.  The restarted ingest is measured
@@ -93,8 +98,7 @@ def run(settings: MemorySettings) -> list[Figure]:
                      pipeline.persisted() >= settings.messages + 1 + settings.run_of,
                      "the run of big messages to be stored", timeout=1800,
                      on_timeout=pipeline.workers.logs)
-            run_growth = {stage: max(0.0, status_kb(pid, "VmHWM") / 1024 - steady[stage])
-                          for stage, pid in pids.items()}
+            run_growth = _growth(pids, steady)
             if any(p.poll() is not None for p in pipeline.workers.processes.values()):
                 raise BenchError(f"memory: a worker died\n{pipeline.workers.logs()}")
         finally:

@@ -43,6 +43,7 @@ from imapclient import IMAPClient
 
 from shared.secrets import Secret
 from shared.settings import RuleServerSettings, ServerProfile, TlsMode
+from tests.tls import self_signed_certificate
 
 DOVECOT = "/usr/sbin/dovecot"
 DOVEADM = "/usr/bin/doveadm"
@@ -106,7 +107,7 @@ class DovecotServer:
         self.masters_path = self.root / "masters"
         self.masters_path.write_text("")
         if self.tls:
-            self._make_certificate()
+            self.cert_path, self.key_path = self_signed_certificate(self.root)
         if sieve:
             self._write_sendmail()
         self.config_path.write_text(self._config())
@@ -353,15 +354,6 @@ class DovecotServer:
             return "(no dovecot log)"
 
     # ---- files ------------------------------------------------------------------------
-
-    def _make_certificate(self) -> None:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", str(self.key_path), "-out", str(self.cert_path)],
-            check=True, capture_output=True, timeout=60)
-        self.key_path.chmod(0o600)
 
     def _users_config(self) -> str:
         uid, gid = self._mail_uid, self._mail_gid

@@ -4,9 +4,7 @@ the certificate checked, the login sent only over TLS, every failure named."""
 
 from __future__ import annotations
 
-import socket
 import ssl
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from ingest.canary import Handover
 from shared.secrets import Keyring, Secret
 from shared.settings import CanarySettings, ConfigError, load_settings
+from tests.faults.private_rabbit import free_port
+from tests.tls import self_signed_certificate
 
 SENDER = "mailroute-canary@corp.example.com"
 USER, PASSWORD = "canary-sender", "s3cret-pass"
@@ -51,22 +51,9 @@ def _authenticator(received: Received) -> Any:
     return check
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("smtp-cert")
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return key, cert
+    return self_signed_certificate(tmp_path_factory.mktemp("smtp-cert"))
 
 
 @dataclass
@@ -81,11 +68,11 @@ def smtp_server(request: pytest.FixtureRequest,
                 certificate: tuple[Path, Path]) -> Iterator[Server]:
     """``starttls`` (STARTTLS offered), ``smtps`` (TLS from the start) or ``plain``."""
     kind = request.param
-    key, cert = certificate
+    cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     received = Received()
-    port = _free_port()
+    port = free_port()
     # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; SMTPS is TLS all along
     options: dict[str, Any] = {"authenticator": _authenticator(received),
                                "auth_require_tls": kind == "starttls"}

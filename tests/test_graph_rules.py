@@ -20,7 +20,6 @@ import email
 import email.message
 import logging
 import socket
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +43,7 @@ from tests.dovecot import DovecotServer
 from tests.graph_standin import GraphStandIn
 from tests.processes import Workers, wait_for
 from tests.test_forward_integration import deliveries
+from tests.tls import self_signed_certificate
 
 pytest_plugins = ["tests.db_fixtures"]
 
@@ -298,13 +298,7 @@ def test_user_ids_and_rule_ids_are_url_encoded(tmp_path: Path, standin: GraphSta
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("graph-tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("graph-tls"))
     return str(cert), str(key)
 
 
