@@ -43,6 +43,7 @@ from imapclient import IMAPClient
 
 from shared.secrets import Secret
 from shared.settings import RuleServerSettings, ServerProfile, TlsMode
+from tests.ports import free_port
 from tests.tls import self_signed_certificate
 
 DOVECOT = "/usr/sbin/dovecot"
@@ -52,12 +53,6 @@ START_TIMEOUT = 20.0
 
 class DovecotError(RuntimeError):
     """The test Dovecot did not start, or a doveadm command failed."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _accepts(port: int) -> bool:
@@ -87,11 +82,11 @@ class DovecotServer:
         self.cert_path = self.root / "cert.pem"
         self.key_path = self.root / "key.pem"
         self.host = "127.0.0.1"
-        self.imap_port = _free_port()
-        self.imaps_port = _free_port() if self.tls else 0
-        self.pop3_port = _free_port()
-        self.sieve_port = _free_port() if sieve else 0
-        self.lmtp_port = _free_port() if sieve else 0
+        self.imap_port = free_port()
+        self.imaps_port = free_port() if self.tls else 0
+        self.pop3_port = free_port()
+        self.sieve_port = free_port() if sieve else 0
+        self.lmtp_port = free_port() if sieve else 0
         self._passwords: dict[str, str] = {}
         self._process: subprocess.Popen[bytes] | None = None
         # Dovecot's unprivileged login processes must be able to reach base_dir.

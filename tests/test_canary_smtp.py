@@ -17,7 +17,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from ingest.canary import Handover
 from shared.secrets import Keyring, Secret
 from shared.settings import CanarySettings, ConfigError, load_settings
-from tests.faults.private_rabbit import free_port
+from tests.ports import free_port
 from tests.tls import self_signed_certificate
 
 SENDER = "mailroute-canary@corp.example.com"

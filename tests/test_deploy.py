@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -30,6 +29,7 @@ from shared.queue_metrics import QueueDepthCollector
 from shared.settings import ConfigError, RetrySettings, WebSettings, load_settings
 from shared.topology import Topology
 from tests.broker_fixtures import Vhost
+from tests.ports import free_port
 from tests.processes import Workers, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -127,12 +127,6 @@ def test_compose_prometheus_config_passes_promtool() -> None:
     check = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=PROMETHEUS,
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def query(port: int, expr: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.faults.private_rabbit import free_port
+from tests.ports import free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.ports import free_port
+
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 RABBIT_HOME = "/var/lib/rabbitmq"
@@ -33,14 +35,6 @@ CONSUMER_TIMEOUT_MS = 8000
 
 class RabbitError(RuntimeError):
     """The private node did not do what it was told."""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrivateRabbit:
