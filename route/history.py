@@ -113,6 +113,11 @@ class Lookups:
     thread_index_roots: frozenset[str] = frozenset()
     subjects: frozenset[SubjectQuery] = frozenset()
 
+    def statements(self) -> int:
+        """How many kinds of lookup there are to ask (a batch asks one statement each)."""
+        return sum(1 for kind in (self.email_ids, self.message_ids, self.thread_index_roots,
+                                  self.subjects) if kind)
+
 
 @dataclass
 class Prefetched:

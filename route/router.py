@@ -116,18 +116,23 @@ class Router:
     def history_for(self, batch: list[dict[str, Any]],
                     facts: list[TimedFacts] | None = None) -> History:
         """The history to route ``batch`` with: one that has asked every threading lookup
-        of the batch at once, when the history can (one round trip per kind of lookup
-        instead of one or two per email), else the history itself.  ``facts``: the
-        batch's :meth:`threading_facts`, when the caller has them."""
-        if len(batch) < 2 or not isinstance(self.history, BatchHistory):
+        of the batch at once, when the history can and there is more than one to ask
+        (one round trip in all instead of one per lookup: a single mail with a
+        Thread-Index and a subject to match made two, each waiting for the database to be
+        scheduled on a busy machine), else the history itself.  ``facts``: the batch's
+        :meth:`threading_facts`, when the caller has them."""
+        if not batch or not isinstance(self.history, BatchHistory):
             return self.history
         wanted = [lookups(thread, self.settings.threading, received_at)
                   for thread, received_at in facts or map(self.threading_facts, batch)]
-        return self.history.prefetched(Lookups(
+        gathered = Lookups(
             email_ids=frozenset().union(*(w.email_ids for w in wanted)),
             message_ids=frozenset().union(*(w.message_ids for w in wanted)),
             thread_index_roots=frozenset().union(*(w.thread_index_roots for w in wanted)),
-            subjects=frozenset().union(*(w.subjects for w in wanted))))
+            subjects=frozenset().union(*(w.subjects for w in wanted)))
+        if len(batch) < 2 and gathered.statements() < 2:
+            return self.history  # one lookup at most: asked alone, and only if needed
+        return self.history.prefetched(gathered)
 
     def decide(self, parsed: dict[str, Any], history: History | None = None,
                facts: TimedFacts | None = None) -> Decision:

@@ -1,7 +1,8 @@
 """The route stage: a parsed email in, the same email with its deliveries and records out.
 
 Takes parsed documents, one at a time or a batch (whose threading lookups are then asked at
-once: ``Router.history_for``); gives one routed document each.  The decisions are
+once: ``Router.history_for``; so are a single email's when it has more than one kind of
+lookup); gives one routed document each.  The decisions are
 ``route.router.Router.decide`` (pure apart from read-only lookups of stored mail through
 ``route.history.History``); a message no one may receive is a ``PermanentError`` with the
 reason, which the runtime dead-letters; a lookup that cannot reach the database is a
@@ -37,7 +38,8 @@ class RouteStage:
         self._metrics = metrics
 
     def handle(self, document: dict[str, Any]) -> list[Output]:
-        outputs = self._route(document, self.router.history)
+        facts = self.router.threading_facts(document)
+        outputs = self._route(document, self.router.history_for([document], [facts]), facts)
         self._count_untracked(outputs)
         return outputs
 
