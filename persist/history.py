@@ -7,8 +7,9 @@ Sees only committed rows (see ``route.history`` for what that means for replies 
 their parent).  Contact and account lookups are cached for ``party_cache_seconds`` (a
 contact added from the CLI counts as known to route at most that much later; persist
 resolves parties afresh at save time).  :meth:`SqlHistory.prefetched` asks the threading
-lookups of a whole batch at once, one query per kind, all of them in one round trip on
-PostgreSQL.  Fails with ``TransientError`` when the database is unreachable.
+lookups of a whole batch at once, one query per kind, with the contacts of the senders not
+in the cache, all of them in one round trip on PostgreSQL.  Fails with ``TransientError``
+when the database is unreachable.
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.engine import Connection, Engine
 
 from persist.database import KeptConnection, pipelined, translate_errors
-from persist.directory_store import resolve_parties
+from persist.directory_store import (
+    PartyRef,
+    match_parties,
+    party_parameters,
+    party_statement,
+    resolve_parties,
+)
 from persist.tables import Tables, build_tables
-from route.directory import PartyMatch
+from route.directory import PartyMatch, address_keys
 from route.history import History, KnownEmail, Lookups, Prefetched, SubjectQuery
 
 
@@ -124,6 +131,7 @@ class SqlHistory:
                 emails.c.thread_index_root, emails.c.id.desc()).ext(
                 distinct_on(emails.c.thread_index_root)),
             "subjects": text(NEWEST_BY_SUBJECTS),
+            "parties": party_statement(self._tables, "postgresql"),
         }
         self._batch_sql: dict[str, str] = {}
 
@@ -200,7 +208,15 @@ class SqlHistory:
         ordered = _subject_order(lookups.subjects)
         if ordered:
             asked["subjects"] = _subject_parameters(ordered)
+        senders = {address: address_keys(address) for address in sorted(lookups.parties)
+                   if self._cached_party(address) is None}
+        if senders:
+            asked["parties"] = party_parameters(senders)
         rows = self._ask_together(asked)
+        if senders:
+            found = match_parties(senders, rows.get("parties", []))
+            for address in senders:
+                self._remember_party(address, _party_match(found.get(address)))
         answers.emails_by_id = {int(row.id): to_known(row) for row in rows.get("ids", [])}
         answers.emails_by_message_id = oldest_by_message_id(rows.get("message_ids", []))
         answers.newest_by_root = {row.thread_index_root: to_known(row)
@@ -227,18 +243,28 @@ class SqlHistory:
             return {name: cursor.fetchall() for name, cursor in cursors.items()}
 
     def party(self, address: str) -> PartyMatch | None:
-        now = self._clock()
-        cached = self._parties.get(address)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        cached = self._cached_party(address)
+        if cached is not None:
+            return cached[0]
         with self._reading() as connection:
             found = resolve_parties(connection, self._tables, [address]).get(address)
-        match = None if found is None else PartyMatch(
-            "contact" if found.kind == "contact" else "account", found.name, "database")
+        return self._remember_party(address, _party_match(found))
+
+    def _cached_party(self, address: str) -> tuple[PartyMatch | None] | None:
+        """The cached answer for ``address`` (in a tuple: it may be None), if still fresh."""
+        cached = self._parties.get(address)
+        return (cached[1],) if cached is not None and cached[0] > self._clock() else None
+
+    def _remember_party(self, address: str, match: PartyMatch | None) -> PartyMatch | None:
         if len(self._parties) >= PARTY_CACHE_ENTRIES:
             self._parties.clear()
-        self._parties[address] = (now + self._party_ttl, match)
+        self._parties[address] = (self._clock() + self._party_ttl, match)
         return match
+
+
+def _party_match(found: PartyRef | None) -> PartyMatch | None:
+    return None if found is None else PartyMatch(
+        "contact" if found.kind == "contact" else "account", found.name, "database")
 
 
 def _subject_order(queries: Collection[SubjectQuery]) -> list[SubjectQuery]:

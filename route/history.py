@@ -106,17 +106,19 @@ SubjectQuery = tuple[str, frozenset[str], datetime]  # subject key, participants
 
 @dataclass(frozen=True)
 class Lookups:
-    """Every lookup routing a batch of emails may make, gathered to be asked at once."""
+    """Every lookup routing a batch of emails may make, gathered to be asked at once: the
+    threading lookups, and the senders whose contact or account only the database knows."""
 
     email_ids: frozenset[int] = frozenset()
     message_ids: frozenset[str] = frozenset()
     thread_index_roots: frozenset[str] = frozenset()
     subjects: frozenset[SubjectQuery] = frozenset()
+    parties: frozenset[str] = frozenset()
 
     def statements(self) -> int:
         """How many kinds of lookup there are to ask (a batch asks one statement each)."""
         return sum(1 for kind in (self.email_ids, self.message_ids, self.thread_index_roots,
-                                  self.subjects) if kind)
+                                  self.subjects, self.parties) if kind)
 
 
 @dataclass

@@ -116,11 +116,11 @@ class Router:
     def history_for(self, batch: list[dict[str, Any]],
                     facts: list[TimedFacts] | None = None) -> History:
         """The history to route ``batch`` with: one that has asked every threading lookup
-        of the batch at once, when the history can and there is more than one to ask
-        (one round trip in all instead of one per lookup: a single mail with a
-        Thread-Index and a subject to match made two, each waiting for the database to be
-        scheduled on a busy machine), else the history itself.  ``facts``: the batch's
-        :meth:`threading_facts`, when the caller has them."""
+        of the batch, and its senders' contacts, at once, when the history can and there
+        is more than one to ask (one round trip in all instead of one per lookup: a single
+        mail with a Thread-Index, a subject to match and a new sender made three, each
+        waiting for the database, on a busy machine or across a network), else the history
+        itself.  ``facts``: the batch's :meth:`threading_facts`, when the caller has them."""
         if not batch or not isinstance(self.history, BatchHistory):
             return self.history
         wanted = [lookups(thread, self.settings.threading, received_at)
@@ -129,7 +129,9 @@ class Router:
             email_ids=frozenset().union(*(w.email_ids for w in wanted)),
             message_ids=frozenset().union(*(w.message_ids for w in wanted)),
             thread_index_roots=frozenset().union(*(w.thread_index_roots for w in wanted)),
-            subjects=frozenset().union(*(w.subjects for w in wanted)))
+            subjects=frozenset().union(*(w.subjects for w in wanted)),
+            parties=frozenset(address for parsed in batch
+                              if (address := self._sender_to_look_up(parsed["email"]))))
         if len(batch) < 2 and gathered.statements() < 2:
             return self.history  # one lookup at most: asked alone, and only if needed
         return self.history.prefetched(gathered)
@@ -193,16 +195,19 @@ class Router:
 
     def _sender_known(self, email: dict[str, Any], history: History) -> bool | None:
         """True for a configured or stored contact/account; None if missing or ambiguous."""
-        senders = email.get("from_") or email.get("from") or []
-        if not senders or any(d.startswith("ambiguous-address:from")
-                              for d in email.get("defects") or []):
-            return None
-        address = strict_address(senders[0].get("address", ""))
+        address = _sender_address(email)
         if address is None:
             return None
         if self.directory.configured_party(address) is not None:
             return True
         return history.party(address) is not None
+
+    def _sender_to_look_up(self, email: dict[str, Any]) -> str | None:
+        """The sender's address when only the history can tell whether it is known."""
+        address = _sender_address(email)
+        if address is None or self.directory.configured_party(address) is not None:
+            return None
+        return address
 
     def _records(self, fired: list[tuple[dict[str, Any], RuleSettings]],
                  correlation: Correlation, email: dict[str, Any], notes: list[str],
@@ -230,3 +235,12 @@ class Router:
                 records["case"] = "create"
             break
         return records
+
+
+def _sender_address(email: dict[str, Any]) -> str | None:
+    """The first sender's strict address; None if missing or ambiguous."""
+    senders = email.get("from_") or email.get("from") or []
+    if not senders or any(d.startswith("ambiguous-address:from")
+                          for d in email.get("defects") or []):
+        return None
+    return strict_address(senders[0].get("address", ""))

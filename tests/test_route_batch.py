@@ -16,7 +16,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from parse.extract import parse_raw
+from persist.directory_store import DirectoryStore
 from persist.history import SqlHistory
+from route.tracking import SENDER_UNKNOWN
 from shared.schemas import Codec
 from shared.settings import LimitSettings
 from tests import documents
@@ -146,3 +148,28 @@ def test_a_batch_reads_each_emails_threading_facts_once(db_engine: Engine,
     outputs = run.stage.handle_batch(batch)
     assert len(outputs) == 3
     assert sorted(read) == ["b0@c", "b1@c", "b2@c"]  # prefetch and routing share them
+
+
+def test_a_single_emails_sender_is_looked_up_with_its_threading(
+        postgres_engine: Engine) -> None:
+    """An uncached sender's contact is asked in the same round trip as the threading
+    lookups (it was a round trip of its own), and its answer decides tracking as before."""
+    run = Pipeline(postgres_engine, config(ann_track="contacts"))
+    DirectoryStore(postgres_engine).add_contact("Gil", ["gil@new.example"])
+    run(mail("g0@c", subject="Warm-up", to="ann@corp.example"))  # the connection is made
+    history = run.stage.router.history
+    assert isinstance(history, SqlHistory)
+    kept = history._kept._connection
+    assert kept is not None
+    seen = statements(postgres_engine)
+    other_root = {"Thread-Index": base64.b64encode(bytes(range(3, 25))).decode()}
+    outcomes = []
+    for mid, sender in (("g1@c", "gil@new.example"), ("h1@c", "hal@new.example")):
+        document = parsed(mail(mid, sender=sender, subject=f"Hello from {sender}",
+                               to="ann@corp.example", headers=other_root), mailbox="ann")
+        with round_trips(kept.connection.driver_connection) as trips:
+            [output] = run.stage.handle(copy.deepcopy(document))
+        [delivery] = output.document["deliveries"]
+        outcomes.append((trips[0], delivery["tracked"], delivery["untracked_reason"]))
+    assert seen == []
+    assert outcomes == [(1, True, None), (1, False, SENDER_UNKNOWN)], outcomes
