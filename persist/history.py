@@ -209,7 +209,7 @@ class SqlHistory:
         if ordered:
             asked["subjects"] = _subject_parameters(ordered)
         senders = {address: address_keys(address) for address in sorted(lookups.parties)
-                   if self._cached_party(address) is None}
+                   if not self._party_is_cached(address)}
         if senders:
             asked["parties"] = party_parameters(senders)
         rows = self._ask_together(asked)
@@ -243,17 +243,16 @@ class SqlHistory:
             return {name: cursor.fetchall() for name, cursor in cursors.items()}
 
     def party(self, address: str) -> PartyMatch | None:
-        cached = self._cached_party(address)
-        if cached is not None:
-            return cached[0]
+        if self._party_is_cached(address):
+            return self._parties[address][1]
         with self._reading() as connection:
             found = resolve_parties(connection, self._tables, [address]).get(address)
         return self._remember_party(address, _party_match(found))
 
-    def _cached_party(self, address: str) -> tuple[PartyMatch | None] | None:
-        """The cached answer for ``address`` (in a tuple: it may be None), if still fresh."""
+    def _party_is_cached(self, address: str) -> bool:
+        """Is there a fresh cached answer (a match or None) for ``address``?"""
         cached = self._parties.get(address)
-        return (cached[1],) if cached is not None and cached[0] > self._clock() else None
+        return cached is not None and cached[0] > self._clock()
 
     def _remember_party(self, address: str, match: PartyMatch | None) -> PartyMatch | None:
         if len(self._parties) >= PARTY_CACHE_ENTRIES:

@@ -170,12 +170,14 @@ def test_big_attachments_encode_to_the_same_bytes_without_touching_the_document(
     assert decoded["email"]["subject"] == 'quote " and \u00e9'
 
 
+ALICE_DELIVERY = {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
+                  "mailbox": "alice", "method": "direct"}
+
+
 def test_big_base64_text_outside_the_byte_fields_is_read_as_text() -> None:
     codec = Codec()
     looks_like_base64 = "QUJD" * (BIG // 4 + 1)
-    document = {**documents.parsed(), "deliveries": [
-        {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
-         "mailbox": "alice", "method": "direct"}],
+    document = {**documents.parsed(), "deliveries": [ALICE_DELIVERY],
         "records": {"content": looks_like_base64},
         "correlation": {"note": f'"raw":"{looks_like_base64}"'}}
     document["email"]["text"] = f'"content":"{looks_like_base64}'
@@ -193,9 +195,7 @@ def test_big_text_of_any_kind_outside_the_byte_fields_is_read_as_json_reads_it()
     codec = Codec()
     text = "\u00e9t\u00e9 \U0001f600 caf\u00e9 " * (BIG // 10)  # no escapes: cut out, read back
     escaped = 'tab\there, quote " there ' * (BIG // 20)  # escapes: left to the JSON reader
-    document = {**documents.parsed(), "deliveries": [
-        {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
-         "mailbox": "alice", "method": "direct"}],
+    document = {**documents.parsed(), "deliveries": [ALICE_DELIVERY],
         "records": {"content": text, "other": {"content": escaped},
                     "late": {"content": text + 'an escaped " after the first 64 KB'}}}
     document["email"]["attachments"] = [_attachment(b"\x05" * BIG)]
@@ -254,9 +254,7 @@ def test_documents_with_big_strings_of_any_kind_round_trip(
     value: object = text
     for _ in range(nesting):
         value = {key: value}
-    document = {**documents.parsed(), "deliveries": [
-        {"principal_kind": "user", "principal": "alice", "address": "alice@example.com",
-         "mailbox": "alice", "method": "direct"}], "records": {key: value}}
+    document = {**documents.parsed(), "deliveries": [ALICE_DELIVERY], "records": {key: value}}
     document["email"]["text"] = text
     document["email"]["attachments"] = [_attachment(bytes(range(256)) * (size // 256) + b"\x07"
                                                     * (size % 256))]
